@@ -1,0 +1,233 @@
+"""The configuration file: TOML → validated pydantic models, model-name rules, aliases.
+
+Every key is optional; an empty file (or none) gives a gateway that starts any Hugging Face
+repo id on demand. See docs/configuration.md for the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, InvalidModelName, ModelNotFound
+
+CONFIG_ENV = "AUTOSERVE_CONFIG"
+MAX_MODEL_NAME = 256
+
+# A Hugging Face repo id: "name" or "owner/name", letters, digits, '.', '_', '-', each part
+# starting with a letter or digit (so no leading '-' that could pass for a command-line option).
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Strict):
+    """``[gateway]``: behaviour of the gateway itself."""
+
+    hold_seconds: PositiveSeconds = 120.0
+    """How long a request for a model that is not healthy is held before a 503."""
+    idle_seconds: PositiveSeconds = 900.0
+    """A pool with no request for this long scales to zero."""
+    allow_unlisted: bool = True
+    """Start any Hugging Face repo id on demand; false: only models under ``[models]``."""
+    startup_seconds: PositiveSeconds = 1200.0
+    """An engine not healthy this long after launch is stopped and marked failed."""
+    failure_cooldown_seconds: Annotated[float, Field(ge=0)] = 5.0
+    """A failed model is not started again before this many seconds have passed."""
+    stop_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
+    """After SIGTERM an engine has this long to exit before SIGKILL."""
+    max_up_wait_seconds: PositiveSeconds = 120.0
+    """Upper bound for the ``wait`` long-poll of ``/up``."""
+    max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024
+    """Larger request bodies are refused with 413."""
+    local_gpus: Annotated[int, Field(ge=0)] | None = None
+    """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
+    public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
+    """Routes answered without a key (``/health`` always is)."""
+
+
+class ModelSettings(_Strict):
+    """Settings shared by ``[defaults]`` and ``[models."name"]``."""
+
+    gpu: str | int | None = None
+    """Modal GPU spec ("H100", "H200:2"); locally only the count matters. 0: no GPU."""
+    tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
+    vllm_args: list[str] | None = None
+    env: dict[str, str] | None = None
+    startup_seconds: PositiveSeconds | None = None
+    idle_seconds: PositiveSeconds | None = None
+    engine_python: str | None = None
+    """Python interpreter that has vLLM installed (local backend)."""
+    # Modal backend
+    min_containers: Annotated[int, Field(ge=0)] | None = None
+    max_containers: Annotated[int, Field(ge=1)] | None = None
+    max_inputs: Annotated[int, Field(ge=1)] | None = None
+    """Concurrent requests one engine container takes (``@modal.concurrent``)."""
+    memory_snapshot: bool | None = None
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_spec(cls, value: str | int | None) -> str | int | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be a GPU spec like 'H100:2' or a count >= 0")
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_-]+(:[1-9][0-9]?)?", value):
+            raise ValueError(f"{value!r} is not a GPU spec like 'H100' or 'H200:2'")
+        return value
+
+
+class ModelConfig(ModelSettings):
+    """``[models."name"]``: one model; unset keys come from ``[defaults]``."""
+
+    aliases: list[str] = []
+    command: list[str] | None = None
+    """Launch this instead of vLLM; ``{port}``, ``{model}`` and ``{host}`` are filled in."""
+    url: str | None = None
+    """An upstream that is already running: routed to, never started or stopped."""
+    api_key: str | None = None
+    """Key the static upstream (``url``) expects, if any."""
+
+    @model_validator(mode="after")
+    def _command_or_url(self) -> ModelConfig:
+        if self.command is not None and self.url is not None:
+            raise ValueError("'command' and 'url' exclude each other")
+        if self.command is not None and not self.command:
+            raise ValueError("'command' must not be empty")
+        if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
+            raise ValueError(f"'url' must be an http(s) URL, got {self.url!r}")
+        return self
+
+
+class Config(_Strict):
+    """The whole file."""
+
+    gateway: GatewaySettings = GatewaySettings()
+    defaults: ModelSettings = ModelSettings()
+    models: dict[str, ModelConfig] = {}
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Config:
+        seen: dict[str, str] = {}
+        for name, model in self.models.items():
+            _check_configured_name(name)
+            for alias in [name, *model.aliases]:
+                if alias != name:
+                    _check_configured_name(alias)
+                if alias in seen:
+                    raise ValueError(f"name {alias!r} is used by {seen[alias]!r} and {name!r}")
+                seen[alias] = name
+        return self
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def resolve(self, requested: str) -> str:
+        """The canonical model name for a requested name or alias.
+
+        Raises ``InvalidModelName`` (400) for names that are neither configured nor a
+        Hugging Face repo id, and ``ModelNotFound`` (404) for unlisted ones when
+        ``allow_unlisted`` is false.
+        """
+        if not isinstance(requested, str) or not requested:
+            raise InvalidModelName("'model' must be a non-empty string", param="model")
+        if requested in self.models:
+            return requested
+        for name, model in self.models.items():
+            if requested in model.aliases:
+                return name
+        check_model_name(requested)
+        if not self.gateway.allow_unlisted:
+            raise ModelNotFound(
+                f"[{requested}] is not a configured model; "
+                "this gateway serves only the models listed in its configuration",
+                param="model",
+            )
+        return requested
+
+    def model(self, name: str) -> ModelConfig:
+        """Effective settings of a canonical name: the model's own over ``[defaults]``.
+
+        ``env`` is merged (the model's keys win) and ``vllm_args`` are appended after the
+        defaults' (vLLM takes the last occurrence of a flag).
+        """
+        own = self.models.get(name, ModelConfig())
+        merged: dict[str, Any] = self.defaults.model_dump()
+        for key, value in own.model_dump(exclude_unset=True).items():
+            merged[key] = value
+        merged["env"] = {**(self.defaults.env or {}), **(own.env or {})}
+        merged["vllm_args"] = [*(self.defaults.vllm_args or []), *(own.vllm_args or [])]
+        return ModelConfig.model_validate(merged)
+
+    def aliases_of(self, name: str) -> list[str]:
+        model = self.models.get(name)
+        return list(model.aliases) if model else []
+
+
+def check_model_name(name: str) -> None:
+    """Accept a Hugging Face repo id; refuse anything that could escape a path or an argv."""
+    shown = name if len(name) <= 80 and not _CONTROL.search(name) else repr(name[:80]) + "..."
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidModelName(
+            f"model name is {len(name)} characters long; at most {MAX_MODEL_NAME} are allowed",
+            param="model",
+        )
+    if not _HF_REPO_ID.match(name) or ".." in name or "--" in name or name.endswith(".git"):
+        raise InvalidModelName(
+            f"[{shown}] is not a configured model nor a valid Hugging Face repo id "
+            "('owner/name' of letters, digits, '.', '_' and '-')",
+            param="model",
+        )
+
+
+def _check_configured_name(name: str) -> None:
+    # Configured names may be local paths or free-form labels, but nothing that could be
+    # taken for an option or break a log line.
+    if not name or len(name) > MAX_MODEL_NAME or _CONTROL.search(name) or name.startswith("-"):
+        raise ValueError(f"{name!r} is not a usable model name")
+    if name != name.strip():
+        raise ValueError(f"{name!r} has leading or trailing whitespace")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the file at ``path`` (or ``$AUTOSERVE_CONFIG``; none: defaults)."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(file))
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(_quote_key(part) for part in err["loc"]) or "(top level)"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append(f"  {key}: {message}")
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
+
+
+def _quote_key(part: int | str) -> str:
+    text = str(part)
+    return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else f'"{text}"'

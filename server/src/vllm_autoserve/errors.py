@@ -1,0 +1,129 @@
+"""Errors the gateway answers with, in OpenAI's error format.
+
+Every error a client can see is a ``GatewayError``; lower-level failures (a refused
+connection, an engine that exited) are mapped to one of these once, where they happen.
+
+    GatewayError                      status  type                     code
+    ├── BadRequest                    400     invalid_request_error    (per case)
+    │   └── InvalidModelName          400     invalid_request_error    invalid_model
+    ├── Unauthorized                  401     authentication_error     invalid_api_key
+    ├── ModelNotFound                 404     invalid_request_error    model_not_found
+    ├── PayloadTooLarge               413     invalid_request_error    payload_too_large
+    ├── ModelNotReady                 503     service_unavailable      model_not_ready  (+ Retry-After)
+    ├── ModelFailed                   503     engine_error             model_failed     (+ Retry-After)
+    └── UpstreamUnavailable           502     engine_error             upstream_unavailable
+
+``ConfigError`` is separate: it stops start-up and never reaches a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ConfigError(Exception):
+    """The configuration file is invalid; the message names the key and the problem."""
+
+
+class GatewayError(Exception):
+    """An error answered to the client as ``{"error": {"message", "type", "code"}}``."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = [(b"content-type", b"application/json")]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        if self.status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        return headers
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidModelName(BadRequest):
+    code = "invalid_model"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ModelNotReady(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "model_not_ready"
+
+
+class ModelFailed(GatewayError):
+    status = 503
+    type = "engine_error"
+    code = "model_failed"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    type = "engine_error"
+    code = "upstream_unavailable"

@@ -1,0 +1,83 @@
+"""Prometheus metrics of the gateway (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_STATES = ("cold", "starting", "healthy", "stopping", "failed")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_COLD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 1200)
+
+REQUESTS = Counter(
+    "autoserve_requests_total",
+    "Requests answered, by model, route and HTTP status.",
+    ["model", "route", "status"],
+    registry=REGISTRY,
+)
+REQUEST_SECONDS = Histogram(
+    "autoserve_request_duration_seconds",
+    "Whole request duration as the client sees it, held time and streaming included.",
+    ["model", "route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+OVERHEAD_SECONDS = Histogram(
+    "autoserve_gateway_overhead_seconds",
+    "Time the gateway itself spent before sending a request upstream (held time excluded).",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+HELD_SECONDS = Histogram(
+    "autoserve_request_held_seconds",
+    "Time requests waited for their model's pool to become healthy.",
+    ["model"],
+    buckets=_COLD_BUCKETS,
+    registry=REGISTRY,
+)
+COLD_START_SECONDS = Histogram(
+    "autoserve_cold_start_seconds",
+    "From launching an engine to it answering /health.",
+    ["model"],
+    buckets=_COLD_BUCKETS,
+    registry=REGISTRY,
+)
+POOL_STATE = Gauge(
+    "autoserve_pool_state",
+    "1 for the state each pool is in, 0 for the others.",
+    ["model", "state"],
+    registry=REGISTRY,
+)
+ENGINE_STARTS = Counter(
+    "autoserve_engine_starts_total", "Engine starts (first starts and restarts).", ["model"],
+    registry=REGISTRY,
+)
+ENGINE_FAILURES = Counter(
+    "autoserve_engine_failures_total",
+    "Engines that failed to start or died.",
+    ["model"],
+    registry=REGISTRY,
+)
+OPEN_STREAMS = Gauge(
+    "autoserve_open_streams", "Responses being streamed right now.", ["model"], registry=REGISTRY
+)
+IN_FLIGHT = Gauge(
+    "autoserve_requests_in_flight", "Requests being proxied right now.", ["model"], registry=REGISTRY
+)
+
+
+def set_pool_state(model: str, state: str) -> None:
+    for name in _STATES:
+        POOL_STATE.labels(model, name).set(1 if name == state else 0)
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,449 @@
+"""The ``Pool`` state machine and the ``Pools`` registry the HTTP app talks to.
+
+    cold ──► starting ──► healthy ──► stopping ──► cold
+                 │            │
+                 └──► failed ◄┘        (failed ──► starting again after a cooldown)
+
+All transitions go through ``Pool._move``, which checks ``_ALLOWED``. The event loop is the
+lock: a check and the move that follows it never have an ``await`` between them, so two
+callers can never both see ``cold`` and both start an engine.
+
+Requests and ``/up`` never read the state and act on it themselves: they call
+``acquire`` (hold until healthy) or ``up`` (start, optionally long-poll).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .. import metrics
+from ..config import Config, ModelConfig
+from ..errors import ModelFailed, ModelNotReady
+
+log = logging.getLogger("vllm_autoserve.pools")
+
+
+class PoolState(StrEnum):
+    COLD = "cold"
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+_ALLOWED: dict[PoolState, frozenset[PoolState]] = {
+    PoolState.COLD: frozenset({PoolState.STARTING}),
+    PoolState.STARTING: frozenset({PoolState.HEALTHY, PoolState.FAILED, PoolState.STOPPING}),
+    PoolState.HEALTHY: frozenset({PoolState.STOPPING, PoolState.FAILED, PoolState.COLD}),
+    PoolState.STOPPING: frozenset({PoolState.COLD}),
+    PoolState.FAILED: frozenset({PoolState.STARTING, PoolState.COLD}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class EngineFailed(Exception):
+    """An engine could not start or died; ``str(exc)`` is a readable reason and log tail."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a healthy pool's requests go."""
+
+    url: str
+    """Base URL without a trailing slash; the request's path is appended."""
+    api_key: str | None = None
+    """Sent upstream as ``Authorization: Bearer``; never the gateway's own key."""
+    params: tuple[tuple[str, str], ...] = ()
+    """Query parameters added to every request (Modal routes by ``?model_path=``)."""
+
+
+@dataclass
+class PoolStatus:
+    model: str
+    state: PoolState
+    since: float
+    last_request: float | None
+    in_flight: int
+    engines: int
+    gpus: list[int] = field(default_factory=list)
+    error: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    backend: str = "local"
+
+    @property
+    def up_status(self) -> str:
+        """The three-valued status of the ``/up`` contract."""
+        if self.state is PoolState.HEALTHY:
+            return "healthy"
+        if self.state is PoolState.FAILED:
+            return "failed"
+        return "pending"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "status": self.up_status,
+            "state": self.state.value,
+            "since": self.since,
+            "last_request": self.last_request,
+            "in_flight": self.in_flight,
+            "engines": self.engines,
+            "gpus": self.gpus,
+            "error": self.error,
+            "aliases": self.aliases,
+            "backend": self.backend,
+        }
+
+
+class Pool(ABC):
+    """One model's engines. Subclasses say how to launch and stop them."""
+
+    backend = "local"
+
+    def __init__(self, name: str, settings: ModelConfig, config: Config) -> None:
+        self.name = name
+        self.settings = settings
+        self.config = config
+        self._state = PoolState.COLD
+        self._since = time.time()
+        self._error: str | None = None
+        self._failed_at = 0.0
+        self._changed = asyncio.Event()
+        self._start_task: asyncio.Task[None] | None = None
+        self._upstream: Upstream | None = None
+        self._in_flight = 0
+        self._last_request: float | None = None
+        self._last_activity = time.monotonic()
+        self._starting_since = 0.0
+
+    # -- what subclasses provide ----------------------------------------------------------
+
+    @abstractmethod
+    async def _launch(self) -> Upstream:
+        """Start an engine and return once it is healthy; raise ``EngineFailed`` if not."""
+
+    @abstractmethod
+    async def _terminate(self) -> None:
+        """Stop whatever ``_launch`` started (idempotent; also called after a failure)."""
+
+    def _engines(self) -> int:
+        return 1 if self._state in (PoolState.HEALTHY, PoolState.STARTING) else 0
+
+    def _gpus(self) -> list[int]:
+        return []
+
+    # -- settings -------------------------------------------------------------------------
+
+    @property
+    def idle_seconds(self) -> float:
+        return self.settings.idle_seconds or self.config.gateway.idle_seconds
+
+    @property
+    def startup_seconds(self) -> float:
+        return self.settings.startup_seconds or self.config.gateway.startup_seconds
+
+    # -- the state machine ----------------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        return self._state
+
+    def _move(self, new: PoolState, *, reason: str, error: str | None = None) -> None:
+        old = self._state
+        if new not in _ALLOWED[old]:
+            raise IllegalTransition(f"[{self.name}] cannot go from {old} to {new}")
+        self._state = new
+        self._since = time.time()
+        if new is PoolState.FAILED:
+            self._error = error
+            self._failed_at = time.monotonic()
+            metrics.ENGINE_FAILURES.labels(self.name).inc()
+        elif new is PoolState.STARTING:
+            self._starting_since = time.monotonic()
+            metrics.ENGINE_STARTS.labels(self.name).inc()
+        elif new is PoolState.HEALTHY:
+            self._error = None
+            metrics.COLD_START_SECONDS.labels(self.name).observe(
+                time.monotonic() - self._starting_since
+            )
+        elif new is PoolState.COLD:
+            self._error = None
+        if new is not PoolState.HEALTHY:
+            self._upstream = None
+        metrics.set_pool_state(self.name, new.value)
+        level = logging.WARNING if new is PoolState.FAILED else logging.INFO
+        first_line = (error or "").strip().splitlines()[:1]
+        log.log(
+            level,
+            "[%s] pool %s -> %s (%s)%s",
+            self.name,
+            old.value,
+            new.value,
+            reason,
+            f": {first_line[0]}" if first_line else "",
+        )
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _cooldown_left(self) -> float:
+        cooldown = self.config.gateway.failure_cooldown_seconds
+        return max(0.0, self._failed_at + cooldown - time.monotonic())
+
+    def _kick(self, reason: str) -> None:
+        """Start an engine if none is running or starting (single flight)."""
+        if self._state is PoolState.COLD or (
+            self._state is PoolState.FAILED and self._cooldown_left() == 0
+        ):
+            self._move(PoolState.STARTING, reason=reason)
+            self._last_activity = time.monotonic()
+            self._start_task = asyncio.create_task(self._run_start(), name=f"start {self.name}")
+
+    async def _run_start(self) -> None:
+        try:
+            upstream = await asyncio.wait_for(self._launch(), self.startup_seconds)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            await self._terminate()
+            self._move(
+                PoolState.FAILED,
+                reason="startup deadline",
+                error=f"[{self.name}] engine did not become healthy within "
+                f"{self.startup_seconds:g} s\n{self._log_tail()}".rstrip(),
+            )
+        except EngineFailed as exc:
+            await self._terminate()
+            self._move(PoolState.FAILED, reason="engine failed", error=str(exc))
+        except Exception as exc:
+            log.exception("[%s] unexpected error while starting", self.name)
+            await self._terminate()
+            self._move(PoolState.FAILED, reason="start error", error=f"[{self.name}] {exc}")
+        else:
+            self._upstream = upstream
+            self._last_activity = time.monotonic()
+            self._move(PoolState.HEALTHY, reason="engine healthy")
+
+    def _log_tail(self) -> str:
+        return ""
+
+    def _engine_died(self, error: str) -> None:
+        """Called by subclasses when a healthy engine goes away on its own."""
+        if self._state is PoolState.HEALTHY:
+            self._move(PoolState.FAILED, reason="engine died", error=error)
+
+    async def _wait_change(self, timeout: float) -> None:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+    # -- the ways in ----------------------------------------------------------------------
+
+    async def ensure_ready(self, timeout: float) -> Upstream:
+        """Return the upstream once healthy, starting the engine if needed.
+
+        From ``healthy``: at once. From ``cold`` (or ``failed`` past its cooldown): starts
+        one engine and waits. From ``starting``/``stopping``: waits. From ``failed`` within
+        the cooldown: raises ``ModelFailed`` with the engine's error. Past ``timeout``:
+        raises ``ModelNotReady``.
+        """
+        deadline = time.monotonic() + timeout
+        kicked = False
+        while True:
+            if self._state is PoolState.HEALTHY and self._upstream is not None:
+                return self._upstream
+            if self._state is PoolState.FAILED and (kicked or self._cooldown_left() > 0):
+                raise ModelFailed(
+                    self._error or f"[{self.name}] engine failed",
+                    retry_after=max(self._cooldown_left(), 1.0),
+                )
+            if self._state in (PoolState.COLD, PoolState.FAILED):
+                self._kick("request")
+                kicked = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ModelNotReady(
+                    f"[{self.name}] is {self._state.value}; not healthy after {timeout:g} s. "
+                    "Retry later, or call /up and wait for status 'healthy'.",
+                    retry_after=min(max(timeout, 1.0), 30.0),
+                )
+            await self._wait_change(remaining)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Count a request in flight: a pool with requests in flight is never idle."""
+        self._in_flight += 1
+        self._last_request = time.time()
+        self._last_activity = time.monotonic()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._last_activity = time.monotonic()
+
+    async def up(self, wait: float) -> PoolStatus:
+        """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed."""
+        self._last_activity = time.monotonic()
+        if self._state is not PoolState.FAILED or self._cooldown_left() == 0:
+            self._kick("up")
+        deadline = time.monotonic() + wait
+        while self._state not in (PoolState.HEALTHY, PoolState.FAILED):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if self._state is PoolState.COLD:
+                self._kick("up")
+                continue
+            await self._wait_change(remaining)
+        return self.status()
+
+    async def down(self, reason: str = "down") -> PoolStatus:
+        """Stop the engine (any state); a failed pool is reset to cold."""
+        if self._state in (PoolState.STARTING, PoolState.HEALTHY):
+            self._move(PoolState.STOPPING, reason=reason)
+            task, self._start_task = self._start_task, None
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._terminate()
+            self._move(PoolState.COLD, reason=reason)
+        elif self._state is PoolState.STOPPING:
+            while self._state is PoolState.STOPPING:
+                await self._wait_change(1.0)
+        elif self._state is PoolState.FAILED:
+            await self._terminate()
+            self._move(PoolState.COLD, reason=reason)
+        return self.status()
+
+    def idle_due(self, now: float) -> bool:
+        return (
+            self._state is PoolState.HEALTHY
+            and self._in_flight == 0
+            and now - self._last_activity >= self.idle_seconds
+        )
+
+    def report_unreachable(self) -> None:
+        """The proxy could not connect to a healthy upstream."""
+
+    def status(self) -> PoolStatus:
+        return PoolStatus(
+            model=self.name,
+            state=self._state,
+            since=self._since,
+            last_request=self._last_request,
+            in_flight=self._in_flight,
+            engines=self._engines(),
+            gpus=self._gpus(),
+            error=self._error,
+            aliases=self.config.aliases_of(self.name),
+            backend=self.backend,
+        )
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of ``/v1/models``."""
+
+    id: str
+    root: str
+    created: int
+
+
+class Pools(ABC):
+    """Every model's pool, created on first use; the interface ``create_app`` needs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._pools: dict[str, Pool] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._created = int(time.time())
+
+    @abstractmethod
+    def _create(self, name: str, settings: ModelConfig) -> Pool:
+        """Build the pool for a canonical model name."""
+
+    def resolve(self, requested: str) -> str:
+        """Canonical name of a requested model or alias (raises 400/404 errors)."""
+        return self.config.resolve(requested)
+
+    def get(self, name: str) -> Pool:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = self._create(name, self.config.model(name))
+        return pool
+
+    def statuses(self) -> list[PoolStatus]:
+        names = list(self.config.models) + [n for n in self._pools if n not in self.config.models]
+        result = []
+        for name in names:
+            pool = self._pools.get(name)
+            if pool is not None:
+                result.append(pool.status())
+            else:
+                result.append(
+                    PoolStatus(
+                        model=name,
+                        state=PoolState.COLD,
+                        since=self._created,
+                        last_request=None,
+                        in_flight=0,
+                        engines=0,
+                        aliases=self.config.aliases_of(name),
+                        backend=self._create_backend_name(name),
+                    )
+                )
+        return result
+
+    def _create_backend_name(self, name: str) -> str:
+        return "static" if self.config.model(name).url else "local"
+
+    def listing(self) -> list[ModelEntry]:
+        """Configured models, their aliases, and any other model with a pool."""
+        entries: list[ModelEntry] = []
+        for name, model in self.config.models.items():
+            entries.append(ModelEntry(id=name, root=name, created=self._created))
+            entries.extend(ModelEntry(id=a, root=name, created=self._created) for a in model.aliases)
+        for name in self._pools:
+            if name not in self.config.models:
+                entries.append(ModelEntry(id=name, root=name, created=self._created))
+        return entries
+
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle(), name="idle reaper")
+
+    async def close(self) -> None:
+        """Stop every engine this gateway started."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(
+            *(pool.down("gateway shutdown") for pool in self._pools.values()),
+            return_exceptions=True,
+        )
+
+    async def _reap_idle(self) -> None:
+        interval = min(1.0, self._smallest_idle() / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for pool in list(self._pools.values()):
+                if pool.idle_due(now):
+                    asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
+
+    def _smallest_idle(self) -> float:
+        values = [self.config.gateway.idle_seconds]
+        values += [m.idle_seconds for m in self.config.models.values() if m.idle_seconds]
+        values += [self.config.defaults.idle_seconds] if self.config.defaults.idle_seconds else []
+        return max(0.05, min(values))
