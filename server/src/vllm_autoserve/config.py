@@ -46,6 +46,8 @@ class GatewaySettings(_Strict):
     """A failed model is not started again before this many seconds have passed."""
     stop_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
     """After SIGTERM an engine has this long to exit before SIGKILL."""
+    drain_seconds: Annotated[float, Field(ge=0)] = 30.0
+    """On SIGTERM, requests in flight get this long to finish before engines are stopped."""
     max_up_wait_seconds: PositiveSeconds = 120.0
     """Upper bound for the ``wait`` long-poll of ``/up``."""
     max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024

@@ -13,7 +13,25 @@ from prometheus_client import (
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _STATES = ("cold", "starting", "healthy", "stopping", "failed")
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
 _COLD_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 1200)
 
 REQUESTS = Counter(
@@ -57,7 +75,9 @@ POOL_STATE = Gauge(
     registry=REGISTRY,
 )
 ENGINE_STARTS = Counter(
-    "autoserve_engine_starts_total", "Engine starts (first starts and restarts).", ["model"],
+    "autoserve_engine_starts_total",
+    "Engine starts (first starts and restarts).",
+    ["model"],
     registry=REGISTRY,
 )
 ENGINE_FAILURES = Counter(
@@ -70,7 +90,10 @@ OPEN_STREAMS = Gauge(
     "autoserve_open_streams", "Responses being streamed right now.", ["model"], registry=REGISTRY
 )
 IN_FLIGHT = Gauge(
-    "autoserve_requests_in_flight", "Requests being proxied right now.", ["model"], registry=REGISTRY
+    "autoserve_requests_in_flight",
+    "Requests being proxied right now.",
+    ["model"],
+    registry=REGISTRY,
 )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import metrics
 from ..config import Config, ModelConfig
+from ..engine import EngineFailed
 from ..errors import ModelFailed, ModelNotReady
 
 log = logging.getLogger("vllm_autoserve.pools")
@@ -50,10 +51,6 @@ _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
 
 class IllegalTransition(RuntimeError):
     pass
-
-
-class EngineFailed(Exception):
-    """An engine could not start or died; ``str(exc)`` is a readable reason and log tail."""
 
 
 @dataclass(frozen=True)
@@ -367,6 +364,7 @@ class Pools(ABC):
         self.config = config
         self._pools: dict[str, Pool] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
 
     @abstractmethod
@@ -413,7 +411,9 @@ class Pools(ABC):
         entries: list[ModelEntry] = []
         for name, model in self.config.models.items():
             entries.append(ModelEntry(id=name, root=name, created=self._created))
-            entries.extend(ModelEntry(id=a, root=name, created=self._created) for a in model.aliases)
+            entries.extend(
+                ModelEntry(id=a, root=name, created=self._created) for a in model.aliases
+            )
         for name in self._pools:
             if name not in self.config.models:
                 entries.append(ModelEntry(id=name, root=name, created=self._created))
@@ -440,7 +440,9 @@ class Pools(ABC):
             now = time.monotonic()
             for pool in list(self._pools.values()):
                 if pool.idle_due(now):
-                    asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
+                    task = asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     def _smallest_idle(self) -> float:
         values = [self.config.gateway.idle_seconds]

@@ -1,0 +1,238 @@
+"""``create_app(pools, config, keys)``: the gateway as one ASGI app.
+
+A thin pure-ASGI front does what every request needs (``/health``, auth, lifespan) and sends
+``/v1/*`` model traffic straight to the pass-through below, which holds a request until its
+model is healthy and streams the answer back. Everything else (``/up``, ``/status``...)
+goes to the FastAPI app in ``control.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+
+from . import metrics
+from .asgi import ASGIApp, Receive, Scope, Send, send_bytes
+from .auth import ApiKeys
+from .config import Config
+from .control import create_control_app
+from .errors import GatewayError, Unauthorized
+from .inbound import ClientGone, model_of, read_body
+from .pools.base import Pool, Pools, PoolState, Upstream
+from .proxy import Forwarded, Proxy
+
+access_log = logging.getLogger("vllm_autoserve.access")
+log = logging.getLogger("vllm_autoserve.app")
+
+_CONTROL_PATHS = frozenset({"/v1/up", "/v1/down", "/v1/status", "/v1/models"})
+_KNOWN_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/rerank",
+        "/v1/score",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/tokenize",
+        "/v1/detokenize",
+        "/v1/classify",
+        "/v1/pooling",
+    }
+)
+_HEALTH_BODY = orjson.dumps({"status": "ok"})
+_JSON = [(b"content-type", b"application/json")]
+
+
+class GatewayApp:
+    """The ASGI callable that uvicorn (or Modal's ``@modal.asgi_app``) serves."""
+
+    def __init__(self, pools: Pools, config: Config, keys: ApiKeys) -> None:
+        self.pools = pools
+        self.config = config
+        self.keys = keys
+        self.proxy = Proxy()
+        self.control: ASGIApp = create_control_app(pools, config)
+        self._public = {"/health", *config.gateway.public_routes}
+        if "/status" in self._public:
+            self._public.add("/v1/status")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":  # websockets are not part of the API
+            return
+        path: str = scope["path"]
+        if path == "/health":
+            await send_bytes(send, 200, _HEALTH_BODY, _JSON)
+            return
+        if path not in self._public and not self.keys.allows(_header(scope, b"authorization")):
+            error = Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+            await send_bytes(send, error.status, error.body_bytes(), error.headers())
+            return
+        if (
+            path.startswith("/v1/")
+            and path not in _CONTROL_PATHS
+            and not path.startswith("/v1/models/")
+        ):
+            await self._pass_through(scope, receive, send)
+            return
+        await self.control(scope, receive, send)
+
+    # -- lifespan -------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        await self.proxy.open()
+        await self.pools.start()
+
+    async def shutdown(self) -> None:
+        await self.pools.close()
+        await self.proxy.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("gateway start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- the pass-through -----------------------------------------------------------------
+
+    async def _pass_through(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        route = path if path in _KNOWN_ROUTES else "other"
+        model = "-"
+        held = 0.0
+        outcome = Forwarded()
+        try:
+            body = await read_body(
+                receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
+            )
+            requested, data = model_of(body, _header(scope, b"content-type"))
+            model = self.pools.resolve(requested)
+            if model != requested and data is not None:
+                # An alias: the engine knows the canonical name.
+                body = orjson.dumps({**data, "model": model})
+            pool = self.pools.get(model)
+            client_gone = asyncio.Event()
+            watcher = asyncio.create_task(_watch_disconnect(receive, client_gone))
+            try:
+                held_from = time.perf_counter()
+                upstream = await self._hold(pool, client_gone)
+                held = time.perf_counter() - held_from
+                if held > 0.001:
+                    metrics.HELD_SECONDS.labels(model).observe(held)
+                if upstream is None:
+                    outcome.client_gone = True
+                    return
+                metrics.OVERHEAD_SECONDS.labels(route).observe(time.perf_counter() - started - held)
+                with pool.lease():
+                    outcome = await self._forward(pool, upstream, scope, body, send, client_gone)
+            finally:
+                watcher.cancel()
+        except ClientGone:
+            outcome.client_gone = True
+        except GatewayError as error:
+            outcome.status = error.status
+            await send_bytes(send, error.status, error.body_bytes(), error.headers())
+        finally:
+            elapsed = time.perf_counter() - started
+            status = str(outcome.status) if not outcome.client_gone else "499"
+            metrics.REQUESTS.labels(model, route, status).inc()
+            metrics.REQUEST_SECONDS.labels(model, route).observe(elapsed)
+            access_log.info(
+                "model=%s route=%s status=%s duration=%.3f held=%.3f bytes_out=%d%s",
+                model,
+                path if route != "other" else "other",
+                status,
+                elapsed,
+                held,
+                outcome.bytes_out,
+                " upstream_broke=1" if outcome.upstream_broke else "",
+            )
+
+    async def _hold(self, pool: Pool, client_gone: asyncio.Event) -> Upstream | None:
+        """The pool's upstream, holding the request while it starts; None if the client left."""
+        hold = self.config.gateway.hold_seconds
+        if pool.state is PoolState.HEALTHY:
+            return await pool.ensure_ready(hold)
+        ready = asyncio.create_task(pool.ensure_ready(hold))
+        gone = asyncio.create_task(client_gone.wait())
+        try:
+            await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not ready.done():
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ready
+            return None
+        return ready.result()
+
+    async def _forward(
+        self,
+        pool: Pool,
+        upstream: Upstream,
+        scope: Scope,
+        body: bytes,
+        send: Send,
+        client_gone: asyncio.Event,
+    ) -> Forwarded:
+        headers = scope["headers"]
+        metrics.IN_FLIGHT.labels(pool.name).inc()
+        try:
+            try:
+                result = await self.proxy.forward(
+                    upstream,
+                    method=scope["method"],
+                    path=scope["path"],
+                    query=scope["query_string"],
+                    headers=headers,
+                    body=body,
+                    send=send,
+                    client_gone=client_gone,
+                    label=pool.name,
+                )
+            except GatewayError:
+                pool.report_unreachable()
+                raise
+            return result
+        finally:
+            metrics.IN_FLIGHT.labels(pool.name).dec()
+
+
+async def _watch_disconnect(receive: Receive, client_gone: asyncio.Event) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            client_gone.set()
+            return
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def create_app(pools: Pools, config: Config, keys: ApiKeys) -> GatewayApp:
+    """The gateway's ASGI app over any ``Pools`` backend (local or Modal)."""
+    return GatewayApp(pools, config, keys)

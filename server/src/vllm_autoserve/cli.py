@@ -1,0 +1,203 @@
+"""``vllm-autoserve``: run the gateway locally, and set up a CPU engine to try it with.
+
+vllm-autoserve serve [--config FILE] [--host 127.0.0.1] [--port 8000] [--no-auth]
+vllm-autoserve check-config FILE
+vllm-autoserve engine install-cpu [--extra-index-url URL]
+vllm-autoserve make-tiny-model DIR
+vllm-autoserve demo [--port 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+from .auth import AUTH_ENV, ApiKeys, keys_from_env
+from .config import CONFIG_ENV, Config, load_config
+from .errors import ConfigError
+
+log = logging.getLogger("vllm_autoserve")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str = "info") -> int:
+    """Run the gateway with the local backend until SIGINT/SIGTERM; stops every engine."""
+    import uvicorn
+
+    from .app import create_app
+    from .pools.local import LocalPools
+
+    if _port_taken(host, port):
+        print(
+            f"vllm-autoserve: {host}:{port} is already in use; choose another --port",
+            file=sys.stderr,
+        )
+        return 1
+    app = create_app(LocalPools(config), config, keys)
+    uv_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        access_log=False,  # the gateway writes its own access line (model, held time, bytes)
+        log_config=None,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(config.gateway.drain_seconds) or None,
+        loop="auto",
+        http="auto",
+    )
+    server = uvicorn.Server(uv_config)
+    log.info("gateway on http://%s:%d (auth %s)", host, port, "off" if keys.open else "on")
+    server.run()
+    return 0 if server.started else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"vllm-autoserve: {exc}", file=sys.stderr)
+        return 2
+    keys = keys_from_env()
+    if args.no_auth:
+        if not _is_loopback(args.host):
+            print(
+                f"vllm-autoserve: --no-auth is only allowed on a loopback host, not {args.host}",
+                file=sys.stderr,
+            )
+            return 2
+        api_keys = ApiKeys(keys, open=True)
+    elif not keys:
+        print(
+            f"vllm-autoserve: set {AUTH_ENV} to the API key clients must send "
+            "(several keys: comma-separated), or pass --no-auth on a loopback host",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        api_keys = ApiKeys(keys)
+    return serve(config, host=args.host, port=args.port, keys=api_keys, log_level=args.log_level)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"vllm-autoserve: {exc}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(config.models)} model(s) configured")
+    return 0
+
+
+def _cmd_install_cpu(args: argparse.Namespace) -> int:
+    from .cpu_engine import CpuEngineInstallError, install_cpu_engine
+
+    try:
+        python = install_cpu_engine(extra_index_url=args.extra_index_url, force=args.force)
+    except CpuEngineInstallError as exc:
+        print(f"vllm-autoserve: {exc}", file=sys.stderr)
+        return 1
+    print(f"vLLM CPU engine ready: {python}")
+    return 0
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.path, seed=args.seed)
+    print(f"tiny model written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(host=args.host, port=args.port, log_level=args.log_level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-autoserve",
+        description="OpenAI-compatible gateway that starts vLLM engines on demand.",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway with local engines")
+    p.add_argument("--config", default=None, help=f"TOML file (default: ${CONFIG_ENV})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--no-auth", action="store_true", help="accept requests without a key (loopback hosts only)"
+    )
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check_config)
+
+    engine = sub.add_parser("engine", help="manage local engine installs")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    p = engine_sub.add_parser("install-cpu", help="provision vLLM's CPU build in its own venv")
+    p.add_argument(
+        "--extra-index-url",
+        default=None,
+        help="extra package index for torch's CPU build, e.g. https://download.pytorch.org/whl/cpu",
+    )
+    p.add_argument("--force", action="store_true", help="reinstall even if present")
+    p.set_defaults(func=_cmd_install_cpu)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random model vLLM can serve")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = sub.add_parser("demo", help="a working endpoint on this machine in one command")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

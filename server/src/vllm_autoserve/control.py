@@ -1,0 +1,145 @@
+"""The gateway's own routes: ``/up``, ``/down``, ``/status``, ``/v1/models``, ``/metrics``.
+
+These are small and rare, so they use FastAPI (validation, OpenAPI at ``/docs``); the hot
+pass-through of ``/v1/*`` does not go through here (see ``app.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import metrics
+from .config import Config
+from .errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+)
+from .pools.base import Pools, PoolState
+
+_MODAL_SAFE_WAIT = 140.0  # stay under a web request's 150 s limit on Modal
+
+
+class UpRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model_path: str = Field(description="Model (Hugging Face repo id, configured name or alias).")
+    wait: float = Field(0.0, ge=0, description="Long-poll up to this many seconds (capped).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_model(cls, data: Any) -> Any:
+        # `model` is accepted too: it is what OpenAI-shaped callers naturally send.
+        if isinstance(data, dict) and "model_path" not in data and "model" in data:
+            return {**data, "model_path": data["model"]}
+        return data
+
+
+class DownRequest(UpRequest):
+    pass
+
+
+def _error_response(error: GatewayError) -> JSONResponse:
+    headers = {k.decode(): v.decode() for k, v in error.headers() if k != b"content-type"}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def create_control_app(pools: Pools, config: Config) -> FastAPI:
+    app = FastAPI(
+        title="vLLM Autoserve gateway",
+        description="OpenAI-compatible gateway that starts vLLM engines on demand.",
+        default_response_class=JSONResponse,
+    )
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return _error_response(BadRequest("invalid request: " + "; ".join(problems)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed("method not allowed on this route"))
+        if exc.status_code == 404:
+            return _error_response(NotFound("no such route"))
+        return _error_response(BadRequest(str(exc.detail)))
+
+    def max_wait() -> float:
+        return min(config.gateway.max_up_wait_seconds, _MODAL_SAFE_WAIT)
+
+    @app.post("/up")
+    @app.post("/v1/up", include_in_schema=False)
+    async def up(request: UpRequest) -> dict[str, Any]:
+        """Start a model's pool if needed; with ``wait`` long-poll until healthy or failed."""
+        name = pools.resolve(request.model_path)
+        status = await pools.get(name).up(min(request.wait, max_wait()))
+        return status.as_json()
+
+    @app.post("/down")
+    @app.post("/v1/down", include_in_schema=False)
+    async def down(request: DownRequest) -> dict[str, Any]:
+        """Stop a model's pool (local) or let it scale to zero (Modal)."""
+        name = pools.resolve(request.model_path)
+        result = (await pools.get(name).down()).as_json()
+        result["status"] = "down"
+        return result
+
+    @app.get("/status")
+    @app.get("/v1/status", include_in_schema=False)
+    async def status() -> dict[str, Any]:
+        """Every known pool."""
+        return {"pools": [s.as_json() for s in pools.statuses()]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """OpenAI's model list: configured models and aliases, plus running ones."""
+        states = {s.model: s.state for s in pools.statuses()}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": entry.id,
+                    "object": "model",
+                    "created": entry.created,
+                    "owned_by": "vllm-autoserve",
+                    "root": entry.root,
+                    "state": states.get(entry.root, PoolState.COLD).value,
+                }
+                for entry in pools.listing()
+            ],
+        }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        for entry in pools.listing():
+            if entry.id == model_id:
+                return {
+                    "id": entry.id,
+                    "object": "model",
+                    "created": entry.created,
+                    "owned_by": "vllm-autoserve",
+                    "root": entry.root,
+                }
+        raise ModelNotFound(f"[{model_id[:256]}] is not a known model", param="model")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app

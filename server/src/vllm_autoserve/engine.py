@@ -1,0 +1,213 @@
+"""How an engine is launched and judged ready or failed.
+
+Shared by local pools and the Modal engine container: build vLLM's command line, start it in
+a process group of its own (behind ``engine_guard``), keep the tail of its output, poll
+``/health`` until it answers, fail fast when the process exits first, and stop it with
+SIGTERM → grace → SIGKILL to the whole group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+
+import aiohttp
+
+log = logging.getLogger("vllm_autoserve.engine")
+
+LOG_TAIL_LINES = 60
+LOG_TAIL_CHARS = 4000
+_LOG_KEEP_LINES = 400
+_HEALTH_INTERVAL = 0.1
+_HEALTH_INTERVAL_MAX = 0.5
+# Never handed to an engine: the gateway's own keys and tokens meant for the gateway.
+_GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
+
+
+class EngineFailed(Exception):
+    """An engine could not start or died; ``str(exc)`` is a readable reason and log tail."""
+
+
+def vllm_command(
+    *,
+    python: str,
+    model: str,
+    served_names: Sequence[str],
+    host: str,
+    port: int,
+    tensor_parallel_size: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """vLLM's OpenAI server for ``model`` (the module form works for GPU and CPU builds)."""
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv += ["--served-model-name", *served_names, "--host", host, "--port", str(port)]
+    if tensor_parallel_size:
+        argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    return argv + list(extra_args)
+
+
+def fill_placeholders(template: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """Replace ``{port}``, ``{model}``... in a user's ``command`` (nothing else is touched)."""
+    result = []
+    for arg in template:
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)
+        result.append(arg)
+    return result
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def engine_environment(extra: Mapping[str, str], api_key: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _GATEWAY_ONLY_ENV}
+    env.update(extra)
+    env["VLLM_API_KEY"] = api_key
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class EngineProcess:
+    """One engine process group: start, health, output tail, stop."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        health_url: str,
+        stop_grace: float = 10.0,
+        guarded: bool = True,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.health_url = health_url
+        self.stop_grace = stop_grace
+        self.guarded = guarded
+        self._lines: deque[str] = deque(maxlen=_LOG_KEEP_LINES)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    async def start(self) -> None:
+        argv = self.argv
+        if self.guarded:
+            guard = [sys.executable, "-m", "vllm_autoserve.engine_guard"]
+            argv = [*guard, "--grace", str(self.stop_grace), "--", *argv]
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise EngineFailed(f"[{self.name}] cannot start {self.argv[0]!r}: {exc}") from exc
+        self._reader = asyncio.create_task(self._read_output(), name=f"output {self.name}")
+        log.info("[%s] engine started (pid %s): %s", self.name, self._proc.pid, " ".join(self.argv))
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stream = self._proc.stdout
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line longer than the stream's limit: keep a piece of it
+                line = (await stream.read(64 * 1024)) + b"\n"
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            self._lines.append(text)
+            log.debug("[%s] %s", self.name, text)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
+        tail = "\n".join(list(self._lines)[-lines:])
+        return tail[-chars:]
+
+    def failure(self, what: str) -> EngineFailed:
+        tail = self.log_tail()
+        return EngineFailed(f"[{self.name}] {what}" + (f"\n{tail}" if tail else ""))
+
+    async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
+        """Return once ``/health`` answers 200; raise ``EngineFailed`` if the process exits."""
+        assert self._proc is not None
+        interval = _HEALTH_INTERVAL
+        while True:
+            if self._proc.returncode is not None:
+                await self._drain_output()
+                raise self.failure(f"engine exited prematurely with code {self._proc.returncode}")
+            if await self._health_ok(session):
+                return
+            exited = asyncio.create_task(self._proc.wait())
+            await asyncio.wait({exited}, timeout=interval)
+            if not exited.done():
+                exited.cancel()
+            interval = min(interval * 1.5, _HEALTH_INTERVAL_MAX)
+
+    async def _health_ok(self, session: aiohttp.ClientSession) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with session.get(self.health_url, timeout=timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def wait_exit(self) -> int:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        await self._drain_output()
+        return code
+
+    async def _drain_output(self) -> None:
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
+
+    async def stop(self) -> None:
+        """SIGTERM to the group, ``stop_grace`` to exit, then SIGKILL; idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.stop_grace + 1.0)
+            except TimeoutError:
+                log.warning(
+                    "[%s] engine ignored SIGTERM for %g s; killing", self.name, self.stop_grace
+                )
+        # Whatever is left of the group (children of a crashed engine) goes too.
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5.0)
+        await self._drain_output()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def _signal_group(self, sig: int) -> None:
+        assert self._proc is not None
+        try:
+            os.killpg(self._proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,119 @@
+"""A small parent for one engine, so that no engine process outlives the gateway.
+
+    python -m vllm_autoserve.engine_guard --grace 10 -- vllm-or-any-command args...
+
+vLLM's API server starts ``EngineCore``/``Worker`` children; if the API server dies, those
+live on and keep their GPU memory. The guard is started in a process group of its own, as
+a child subreaper (orphaned descendants are re-parented to it), with ``PDEATHSIG`` so that
+it hears of the gateway's death even after a SIGKILL. When the engine exits, or the guard is
+told to stop, every remaining descendant is killed. The guard exits with the engine's code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the gateway's group kill still applies
+        pass
+
+
+def _descendants() -> list[int]:
+    """Processes whose parent is the guard (orphans are re-parented here as subreaper)."""
+    mine = os.getpid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces, so split after ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        ppid, pgrp = int(fields[1]), int(fields[2])
+        if int(entry.name) != mine and (ppid == mine or pgrp == os.getpgrp()):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_all(sig: int) -> None:
+    for pid in _descendants():
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    grace = 10.0
+    if args[:1] == ["--grace"]:
+        grace, args = float(args[1]), args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: engine_guard [--grace S] -- COMMAND...", file=sys.stderr)
+        return 2
+    parent = os.getppid()
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the gateway died before PDEATHSIG was armed
+        return 1
+
+    stop_requested: list[float] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if not stop_requested:
+            stop_requested.append(time.monotonic())
+            _kill_all(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        engine = subprocess.Popen(args)
+    except OSError as exc:
+        print(f"cannot start engine command {args[0]!r}: {exc}", file=sys.stderr, flush=True)
+        return 127
+
+    while engine.poll() is None:
+        if stop_requested and time.monotonic() - stop_requested[0] > grace:
+            _kill_all(signal.SIGKILL)
+        time.sleep(0.05)
+    # The engine is gone: its helpers must go too.
+    _kill_all(signal.SIGTERM)
+    deadline = time.monotonic() + min(grace, 5.0)
+    while _descendants() and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.05)
+    _kill_all(signal.SIGKILL)
+    _reap()
+    code = engine.returncode
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

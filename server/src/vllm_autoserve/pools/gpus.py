@@ -1,0 +1,110 @@
+"""Local GPU slots: which device indices each engine holds (``CUDA_VISIBLE_DEVICES``).
+
+A model needing N GPUs takes N free indices. When too few are free, idle engines (healthy,
+no request in flight) are stopped least-recently-used first; if none is idle the start waits
+until GPUs are released (the held request gets its 503 at the hold deadline meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from ..engine import EngineFailed
+
+
+class GpuHolder(Protocol):
+    name: str
+
+    def evictable_since(self) -> float | None:
+        """Monotonic time of last activity if idle and holding GPUs, else None."""
+
+    def evict(self) -> Awaitable[object]:
+        """Stop the engine, releasing its GPUs."""
+
+
+def detect_gpus(configured: int | None) -> list[int]:
+    """Device indices the gateway may hand out.
+
+    ``[gateway] local_gpus`` wins; then the gateway's own ``CUDA_VISIBLE_DEVICES``; then
+    the devices ``nvidia-smi -L`` lists; none on a machine without NVIDIA GPUs.
+    """
+    if configured is not None:
+        return list(range(configured))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [int(part) for part in visible.split(",") if part.strip().isdigit()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return list(range(len(re.findall(r"^GPU \d+", out, re.MULTILINE))))
+
+
+def gpu_count(gpu: str | int | None, tensor_parallel_size: int | None) -> int:
+    """GPUs one engine needs: ``2`` or ``"H100:2"`` → 2, ``"H100"`` → 1, unset → TP size or 1."""
+    if isinstance(gpu, int):
+        return gpu
+    if isinstance(gpu, str):
+        _, _, count = gpu.partition(":")
+        return int(count) if count else 1
+    return tensor_parallel_size or 1
+
+
+class GpuSlots:
+    def __init__(self, devices: Sequence[int]) -> None:
+        self.devices = list(devices)
+        self._held: dict[str, list[int]] = {}
+        self._released = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.devices)
+
+    def held_by(self, name: str) -> list[int]:
+        return list(self._held.get(name, []))
+
+    def _free(self) -> list[int]:
+        taken = {d for devices in self._held.values() for d in devices}
+        return [d for d in self.devices if d not in taken]
+
+    async def acquire(
+        self, name: str, count: int, holders: Callable[[], Sequence[GpuHolder]]
+    ) -> list[int]:
+        """Take ``count`` devices for ``name``, evicting idle engines or waiting if needed."""
+        if not self.enabled or count == 0:
+            return []
+        if count > len(self.devices):
+            raise EngineFailed(
+                f"[{name}] needs {count} GPUs but this host has {len(self.devices)} "
+                f"(devices {self.devices})"
+            )
+        while True:
+            free = self._free()
+            if len(free) >= count:
+                self._held[name] = free[:count]
+                return free[:count]
+            idle = [
+                (since, holder)
+                for holder in holders()
+                if holder.name != name and (since := holder.evictable_since()) is not None
+            ]
+            if idle:
+                _, lru = min(idle, key=lambda pair: pair[0])
+                await lru.evict()
+                continue
+            self._released.clear()
+            await self._released.wait()
+
+    def release(self, name: str) -> None:
+        if self._held.pop(name, None) is not None:
+            self._released.set()

@@ -1,0 +1,179 @@
+"""Engines as supervised subprocesses on this host: ports, GPU slots, health, idle, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import secrets
+import sys
+from collections.abc import Callable
+
+import aiohttp
+
+from ..config import Config, ModelConfig
+from ..engine import EngineFailed, EngineProcess, engine_environment, fill_placeholders, free_port
+from ..engine import vllm_command as build_vllm_command
+from .base import Pool, Pools, PoolState, Upstream
+from .gpus import GpuHolder, GpuSlots, detect_gpus, gpu_count
+from .static import StaticPool
+
+ENGINE_HOST = "127.0.0.1"
+
+
+def _engine_python(settings: ModelConfig) -> tuple[str, bool]:
+    """The interpreter with vLLM, and whether it is the provisioned CPU build."""
+    if settings.engine_python:
+        return settings.engine_python, False
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, False
+    from .. import cpu_engine
+
+    python = cpu_engine.cpu_engine_python()
+    if python is None:
+        raise EngineFailed(
+            "vLLM is not installed for the gateway's Python. Install it (`pip install vllm`), "
+            "set `engine_python` to an interpreter that has it, or provision the CPU build "
+            "with `vllm-autoserve engine install-cpu`."
+        )
+    return str(python), True
+
+
+class LocalPool(Pool):
+    backend = "local"
+
+    def __init__(
+        self,
+        name: str,
+        settings: ModelConfig,
+        config: Config,
+        *,
+        session: Callable[[], aiohttp.ClientSession],
+        gpus: GpuSlots,
+        neighbours: Callable[[], list[GpuHolder]],
+    ) -> None:
+        super().__init__(name, settings, config)
+        self._session = session
+        self._gpus_slots = gpus
+        self._neighbours = neighbours
+        self._engine: EngineProcess | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- launch ---------------------------------------------------------------------------
+
+    def _argv(self, port: int) -> tuple[list[str], dict[str, str]]:
+        settings = self.settings
+        served = [self.name, *self.config.aliases_of(self.name)]
+        extra_env: dict[str, str] = {}
+        if settings.command is not None:
+            values = {"port": str(port), "model": self.name, "host": ENGINE_HOST}
+            return fill_placeholders(settings.command, values), extra_env
+        python, cpu_build = _engine_python(settings)
+        prefix: list[str] = []
+        extra_args = list(settings.vllm_args or [])
+        if cpu_build:
+            from .. import cpu_engine
+
+            prefix = cpu_engine.cpu_launch_prefix()
+            extra_args = [*cpu_engine.cpu_engine_args(), *extra_args]
+            extra_env = cpu_engine.cpu_engine_env()
+        argv = build_vllm_command(
+            python=python,
+            model=self.name,
+            served_names=served,
+            host=ENGINE_HOST,
+            port=port,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            extra_args=extra_args,
+        )
+        return prefix + argv, extra_env
+
+    async def _launch(self) -> Upstream:
+        count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
+        devices = await self._gpus_slots.acquire(self.name, count, self._neighbours)
+        port = free_port(ENGINE_HOST)
+        api_key = secrets.token_urlsafe(24)
+        argv, extra_env = self._argv(port)
+        env = engine_environment({**extra_env, **(self.settings.env or {})}, api_key)
+        if self._gpus_slots.enabled:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        engine = EngineProcess(
+            self.name,
+            argv,
+            env=env,
+            health_url=f"http://{ENGINE_HOST}:{port}/health",
+            stop_grace=self.config.gateway.stop_grace_seconds,
+        )
+        self._engine = engine
+        await engine.start()
+        await engine.wait_healthy(self._session())
+        self._watcher = asyncio.create_task(self._watch(engine), name=f"watch {self.name}")
+        return Upstream(url=f"http://{ENGINE_HOST}:{port}", api_key=api_key)
+
+    async def _watch(self, engine: EngineProcess) -> None:
+        code = await engine.wait_exit()
+        if self._engine is engine:
+            await engine.stop()  # its leftover children
+            self._gpus_slots.release(self.name)
+            self._engine_died(engine.failure(f"engine exited with code {code}").args[0])
+
+    async def _terminate(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.stop()
+        self._gpus_slots.release(self.name)
+
+    def _log_tail(self) -> str:
+        return self._engine.log_tail() if self._engine else ""
+
+    def _gpus(self) -> list[int]:
+        return self._gpus_slots.held_by(self.name)
+
+    # -- GpuHolder ------------------------------------------------------------------------
+
+    def evictable_since(self) -> float | None:
+        if self._state is PoolState.HEALTHY and self._in_flight == 0 and self._gpus():
+            return self._last_activity
+        return None
+
+    def evict(self) -> asyncio.Future[object]:
+        return asyncio.ensure_future(self.down("evicted to free GPUs"))
+
+
+class LocalPools(Pools):
+    """Pools of this host: subprocess engines, and static upstreams for ``url =`` models."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.gpus = GpuSlots(detect_gpus(config.gateway.local_gpus))
+        self._http: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    def _create(self, name: str, settings: ModelConfig) -> Pool:
+        if settings.url is not None:
+            return StaticPool(name, settings, self.config, self.session)
+        return LocalPool(
+            name,
+            settings,
+            self.config,
+            session=self.session,
+            gpus=self.gpus,
+            neighbours=self._local_pools,
+        )
+
+    def _local_pools(self) -> list[GpuHolder]:
+        return [pool for pool in self._pools.values() if isinstance(pool, LocalPool)]
+
+    async def close(self) -> None:
+        await super().close()
+        if self._http is not None:
+            await self._http.close()

@@ -1,0 +1,71 @@
+"""An upstream that is already running (``url = ...``): routed to, never started or stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from ..config import Config, ModelConfig
+from ..engine import EngineFailed
+from .base import Pool, PoolState, Upstream
+
+# A static upstream that refuses connections this long is reported failed (not held for the
+# whole startup deadline: nothing here can make it come up).
+_REACH_SECONDS = 10.0
+
+
+class StaticPool(Pool):
+    backend = "static"
+
+    def __init__(
+        self,
+        name: str,
+        settings: ModelConfig,
+        config: Config,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        super().__init__(name, settings, config)
+        assert settings.url is not None
+        self.url = settings.url.rstrip("/")
+        self._session = session
+
+    async def _launch(self) -> Upstream:
+        deadline = time.monotonic() + min(_REACH_SECONDS, self.startup_seconds)
+        problem = "no answer"
+        while time.monotonic() < deadline:
+            problem = await self._check()
+            if not problem:
+                return Upstream(url=self.url, api_key=self.settings.api_key)
+            await asyncio.sleep(0.25)
+        raise EngineFailed(f"[{self.name}] upstream {self.url} is not reachable: {problem}")
+
+    async def _check(self) -> str:
+        """Empty when the upstream is up: ``/health`` 200, or no ``/health`` but ``/v1/models``."""
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            async with self._session().get(self.url + "/health", timeout=timeout) as resp:
+                if resp.status == 200:
+                    return ""
+                if resp.status != 404:
+                    return f"/health answered {resp.status}"
+            async with self._session().get(self.url + "/v1/models", timeout=timeout) as resp:
+                return "" if resp.status < 500 else f"/v1/models answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+
+    async def _terminate(self) -> None:
+        """Nothing to stop: the upstream is not ours."""
+
+    def _engines(self) -> int:
+        return 1 if self._state is PoolState.HEALTHY else 0
+
+    def idle_due(self, now: float) -> bool:
+        return False
+
+    def report_unreachable(self) -> None:
+        # Check its health again on the next request instead of failing every request.
+        if self._state is PoolState.HEALTHY:
+            self._move(PoolState.COLD, reason="upstream unreachable")

@@ -1,0 +1,194 @@
+"""Streaming pass-through of one request to one upstream.
+
+One pooled ``aiohttp`` session for the gateway's lifetime; bytes go through as they arrive
+(no re-encoding, no decompression, no buffering beyond the socket's); the gateway's own key
+is replaced by the engine's; when the client goes away the upstream connection is closed at
+once, which makes vLLM abort the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from . import metrics
+from .asgi import Send
+from .errors import UpstreamUnavailable
+from .pools.base import Upstream
+
+log = logging.getLogger("vllm_autoserve.proxy")
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway sets itself.
+_REQUEST_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "expect",
+    }
+)
+_RESPONSE_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"date",
+        b"server",
+    }
+)
+
+
+@dataclass
+class Forwarded:
+    """What happened to one forwarded request (for the access log and metrics)."""
+
+    status: int = 0
+    bytes_out: int = 0
+    stream: bool = False
+    client_gone: bool = False
+    upstream_broke: bool = False
+
+
+class Proxy:
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            # Generations can be long and silent; only connecting has a deadline.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Proxy.open() was not awaited"
+        return self._session
+
+    async def forward(
+        self,
+        upstream: Upstream,
+        *,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        send: Send,
+        client_gone: asyncio.Event,
+        label: str,
+    ) -> Forwarded:
+        """Send the request upstream and stream the answer back; raises ``UpstreamUnavailable``
+        if nothing could be sent to the client yet."""
+        url = upstream.url + path
+        query_string = "&".join(
+            part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
+        )
+        if query_string:
+            url += "?" + query_string
+        out_headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in headers
+            if k.decode("latin-1").lower() not in _REQUEST_DROP
+        ]
+        if upstream.api_key:
+            out_headers.append(("Authorization", f"Bearer {upstream.api_key}"))
+        result = Forwarded()
+        try:
+            response = await self.session.request(
+                method,
+                URL(url, encoded=True),
+                data=body,
+                headers=out_headers,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise UpstreamUnavailable(
+                f"upstream did not answer: {exc or type(exc).__name__}"
+            ) from exc
+        watcher = asyncio.create_task(client_gone.wait())
+        watcher.add_done_callback(lambda _: response.close())
+        try:
+            await self._relay(response, send, client_gone, result, label)
+        finally:
+            watcher.cancel()
+            response.release()
+            if result.stream:
+                metrics.OPEN_STREAMS.labels(label).dec()
+        return result
+
+    async def _relay(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        client_gone: asyncio.Event,
+        result: Forwarded,
+        label: str,
+    ) -> None:
+        result.status = response.status
+        raw = [(k, v) for k, v in response.raw_headers if k.lower() not in _RESPONSE_DROP]
+        result.stream = response.content_type == "text/event-stream"
+        if result.stream:
+            metrics.OPEN_STREAMS.labels(label).inc()
+        await send({"type": "http.response.start", "status": response.status, "headers": raw})
+        try:
+            async for chunk in response.content.iter_any():
+                result.bytes_out += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if client_gone.is_set():
+                result.client_gone = True
+                return
+            result.upstream_broke = True
+            log.warning("upstream broke off the response after %d bytes: %s", result.bytes_out, exc)
+            if result.stream:
+                # Say why in the stream itself, then end the connection without the final
+                # chunk so that no client can take the cut answer for a complete one.
+                error = {
+                    "error": {
+                        "message": f"upstream broke off the stream: {exc}",
+                        "type": "engine_error",
+                        "code": "upstream_disconnected",
+                    }
+                }
+                with contextlib.suppress(OSError):
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + orjson.dumps(error) + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
+            return
+        if client_gone.is_set():
+            result.client_gone = True
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

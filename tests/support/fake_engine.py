@@ -1,0 +1,234 @@
+"""A fake OpenAI-compatible engine with fault knobs, launched by the gateway as a ``command``.
+
+    python fake_engine.py --port 8001 [--startup-delay 2] [--fail-at-start "msg"]
+        [--die-after N] [--chunks 5 --chunk-delay 0.05] [--die-mid-stream K]
+        [--hang-at-start] [--ignore-sigterm] [--spawn-child] [--pid-file F]
+
+Like vLLM, it requires ``Authorization: Bearer $VLLM_API_KEY`` when that variable is set
+(``/health`` and ``/stats`` are open). ``/stats`` reports what it saw, for assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+FAKE_ENGINE = Path(__file__).resolve()
+
+
+def completion_text(model: str, n: int) -> list[str]:
+    return [f"tok{i}-{model} " for i in range(n)]
+
+
+class Engine:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.key = os.environ.get("VLLM_API_KEY")
+        self.requests = 0
+        self.cancelled = 0
+        self.completed_streams = 0
+        self.auth_headers: list[str] = []
+        self.started = time.time()
+
+    def check_auth(self, request: web.Request) -> web.Response | None:
+        header = request.headers.get("Authorization", "")
+        self.auth_headers.append(header)
+        if self.key and header != f"Bearer {self.key}":
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Unauthorized",
+                        "type": "invalid_request_error",
+                        "code": 401,
+                    }
+                },
+                status=401,
+            )
+        return None
+
+    def count(self) -> None:
+        self.requests += 1
+        if self.args.die_after and self.requests > self.args.die_after:
+            os._exit(3)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "pid": os.getpid(),
+                "requests": self.requests,
+                "cancelled": self.cancelled,
+                "completed_streams": self.completed_streams,
+                "auth_headers": self.auth_headers,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "env_gateway_auth": os.environ.get("VLLM_GATEWAY_AUTH"),
+                "argv": sys.argv,
+            }
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        denied = self.check_auth(request)
+        if denied:
+            return denied
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.args.model, "object": "model", "created": 0, "owned_by": "fake"}
+                ],
+            }
+        )
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        denied = self.check_auth(request)
+        if denied:
+            return denied
+        self.count()
+        body = await request.json()
+        model = body.get("model", "")
+        if int(body.get("max_tokens") or 0) > 100_000:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "max_tokens is too large",
+                        "type": "BadRequestError",
+                        "param": "max_tokens",
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
+        chat = request.path.endswith("chat/completions")
+        n = int(body.get("max_tokens") or self.args.chunks)
+        pieces = completion_text(model, n)
+        if body.get("stream"):
+            return await self.stream(request, model, pieces, chat)
+        content = "".join(pieces)
+        choice = (
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "length",
+            }
+            if chat
+            else {"index": 0, "text": content, "finish_reason": "length"}
+        )
+        return web.json_response(
+            {
+                "id": "cmpl-fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": 0,
+                "model": model,
+                "choices": [choice],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+            }
+        )
+
+    async def stream(
+        self, request: web.Request, model: str, pieces: list[str], chat: bool
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i, piece in enumerate(pieces):
+                if self.args.die_mid_stream and i == self.args.die_mid_stream:
+                    os._exit(4)
+                delta = (
+                    {"delta": {"content": piece}, "index": 0, "finish_reason": None}
+                    if chat
+                    else {"text": piece, "index": 0, "finish_reason": None}
+                )
+                chunk = {
+                    "id": "cmpl-fake",
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": 0,
+                    "model": model,
+                    "choices": [delta],
+                }
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                if self.args.chunk_delay:
+                    await asyncio.sleep(self.args.chunk_delay)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
+        self.completed_streams += 1
+        return response
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        denied = self.check_auth(request)
+        if denied:
+            return denied
+        self.count()
+        body = await request.json()
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body.get("model"),
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--model", default="fake")
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--fail-at-start", default=None)
+    parser.add_argument("--hang-at-start", action="store_true")
+    parser.add_argument("--die-after", type=int, default=0)
+    parser.add_argument("--die-mid-stream", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--spawn-child", action="store_true")
+    parser.add_argument("--pid-file", default=None)
+    args = parser.parse_args()
+
+    print(f"fake engine starting on port {args.port}", flush=True)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pids = [os.getpid()]
+    if args.spawn_child:  # like vLLM's EngineCore: a child that outlives a crashed parent
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        pids.append(child.pid)
+    if args.pid_file:
+        Path(args.pid_file).write_text(" ".join(map(str, pids)))
+    if args.fail_at_start:
+        time.sleep(args.startup_delay)
+        print(args.fail_at_start, file=sys.stderr, flush=True)
+        sys.exit(1)
+    if args.hang_at_start:
+        while True:
+            time.sleep(1)
+    time.sleep(args.startup_delay)
+
+    engine = Engine(args)
+    app = web.Application()
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/stats", engine.stats)
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_post("/v1/chat/completions", engine.completions)
+    app.router.add_post("/v1/completions", engine.completions)
+    app.router.add_post("/v1/embeddings", engine.embeddings)
+    print("fake engine ready", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
