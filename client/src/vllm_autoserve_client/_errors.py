@@ -1,0 +1,45 @@
+"""Errors of a pool that never became healthy.
+
+Everything else a request can raise is the OpenAI SDK's own error (``APIConnectionError``,
+``AuthenticationError``, ``InternalServerError``, ...), unchanged.
+
+    openai.OpenAIError
+    └── AutoserveError                 anything this package adds
+        ├── ModelFailedError           the gateway reports the pool as failed (.model, .error)
+        └── ModelStartTimeout          not healthy within ``up_timeout`` (.model, .waited, .state)
+"""
+
+from __future__ import annotations
+
+from openai import OpenAIError
+
+
+class AutoserveError(OpenAIError):
+    """Base class of the errors this package adds to the OpenAI SDK's."""
+
+
+class ModelFailedError(AutoserveError):
+    """The model's engine failed to start or died; ``error`` is the gateway's account of it.
+
+    The gateway's text is usually the tail of the engine's log, so it may span many lines.
+    """
+
+    def __init__(self, model: str, error: str) -> None:
+        self.model = model
+        self.error = error.strip() or "the engine failed (the gateway gave no details)"
+        prefix = "" if self.error.startswith("[") else f"[{model}] "
+        super().__init__(f"{prefix}{self.error}")
+
+
+class ModelStartTimeout(AutoserveError):
+    """The model's pool was not healthy after waiting ``waited`` seconds."""
+
+    def __init__(self, model: str, waited: float, state: str | None = None) -> None:
+        self.model = model
+        self.waited = waited
+        self.state = state
+        last = f" (last state: {state})" if state else ""
+        super().__init__(
+            f"[{model}] not healthy after waiting {waited:.1f} s{last}; "
+            "a longer up_timeout may help, and the gateway's /status shows what it is doing"
+        )

@@ -1,0 +1,164 @@
+"""Pool lifecycle through the real gateway and real fake-engine processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+
+import httpx
+import psutil
+
+from tests.support.gateway import fake_model, running_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def chat(client: httpx.Client, model: str, **extra: object) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={"model": model, **CHAT, **extra})
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def engine_starts(gateway_client: httpx.Client, model: str) -> float:
+    text = gateway_client.get("/metrics").text
+    found = re.search(rf'autoserve_engine_starts_total{{model="{re.escape(model)}"}} ([0-9.]+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_cold_request_is_held_until_the_engine_is_healthy() -> None:
+    cfg = fake_model("m", "--startup-delay", "1.5")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert gw.status()["m"]["state"] == "cold"
+        started = time.monotonic()
+        response = chat(c, "m")
+        assert response.status_code == 200, response.text
+        assert time.monotonic() - started >= 1.4
+        assert response.json()["choices"][0]["message"]["content"].startswith("tok0-m")
+        assert gw.status()["m"]["state"] == "healthy"
+
+
+def test_request_past_hold_seconds_gets_503_model_not_ready_with_retry_after() -> None:
+    cfg = "[gateway]\nhold_seconds = 0.5\n" + fake_model("slow", "--startup-delay", "4")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        response = chat(c, "slow")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_not_ready"
+        assert int(response.headers["retry-after"]) >= 1
+        # The engine keeps starting; a later request is served.
+        wait_for(lambda: gw.status()["slow"]["state"] == "healthy")
+        assert chat(c, "slow").status_code == 200
+
+
+def test_concurrent_requests_and_up_calls_start_exactly_one_engine() -> None:
+    cfg = fake_model("one", "--startup-delay", "1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        def work(i: int) -> int:
+            with gw.client() as own:
+                if i % 4 == 0:
+                    return own.post("/up", json={"model_path": "one", "wait": 10}).status_code
+                return chat(own, "one").status_code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(work, range(16)))
+        assert codes == [200] * 16
+        assert engine_starts(c, "one") == 1
+        assert gw.status()["one"]["engines"] == 1
+
+
+def test_idle_pool_scales_to_zero_and_the_next_request_starts_it_again() -> None:
+    cfg = "[gateway]\nidle_seconds = 1\n" + fake_model("idle")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert chat(c, "idle").status_code == 200
+        engines = gw.engine_pids()
+        assert engines
+        wait_for(lambda: gw.status()["idle"]["state"] == "cold", timeout=10)
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in engines), timeout=10)
+        assert chat(c, "idle").status_code == 200
+        assert engine_starts(c, "idle") == 2
+
+
+def test_long_stream_is_not_cut_by_the_idle_timeout() -> None:
+    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model("long", "--chunks", "15", "--chunk-delay", "0.1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "long", "stream": True, **CHAT}) as response:
+            body = b"".join(response.iter_raw())
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert engine_starts(c, "long") == 1
+
+
+def test_engine_crash_marks_failed_with_log_tail_then_restarts_after_cooldown() -> None:
+    cfg = ("[gateway]\nfailure_cooldown_seconds = 0.5\n"
+           + fake_model("crashy", "--die-after", "1"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert chat(c, "crashy").status_code == 200
+        broken = chat(c, "crashy")  # the engine exits while answering this one
+        assert broken.status_code == 502
+        assert broken.json()["error"]["type"] == "engine_error"
+        status = wait_for(lambda: (s := gw.status()["crashy"])["state"] == "failed" and s)
+        assert "exited with code 3" in status["error"]
+        assert "fake engine starting" in status["error"]  # the engine's own output
+        time.sleep(0.6)
+        assert chat(c, "crashy").status_code == 200
+        assert engine_starts(c, "crashy") == 2
+
+
+def test_engine_that_exits_at_start_fails_fast_with_its_error() -> None:
+    cfg = fake_model("broken", "--fail-at-start", "RuntimeError: CUDA out of memory (fake)")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        started = time.monotonic()
+        response = chat(c, "broken")
+        assert time.monotonic() - started < 10
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "model_failed"
+        assert "CUDA out of memory (fake)" in error["message"]
+        assert "exited prematurely" in error["message"]
+        up = c.post("/up", json={"model_path": "broken"}).json()
+        assert up["status"] == "failed"
+        assert "CUDA out of memory (fake)" in up["error"]
+
+
+def test_engine_missing_its_startup_deadline_is_failed_and_stopped() -> None:
+    cfg = "[gateway]\nstartup_seconds = 1\n" + fake_model("hang", "--hang-at-start")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        up = c.post("/up", json={"model_path": "hang", "wait": 10}).json()
+        assert up["status"] == "failed"
+        assert "did not become healthy within 1 s" in up["error"]
+        wait_for(lambda: not gw.engine_pids(), timeout=15)
+
+
+def test_up_long_polls_until_healthy_and_down_stops_the_engine() -> None:
+    cfg = fake_model("m", "--startup-delay", "1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        first = c.post("/up", json={"model_path": "m"}).json()
+        assert first["status"] == "pending" and first["model"] == "m"
+        ready = c.post("/v1/up", json={"model_path": "m", "wait": 15}).json()
+        assert ready["status"] == "healthy"
+        pids = gw.engine_pids()
+        down = c.post("/down", json={"model_path": "m"}).json()
+        assert down["state"] == "cold"
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=10)
+        assert gw.status()["m"]["engines"] == 0
+
+
+def test_aliases_route_to_one_pool_and_models_are_listed() -> None:
+    cfg = fake_model("org/model-a", extra='aliases = ["a", "alpha"]') + fake_model("b")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert ids == ["org/model-a", "a", "alpha", "b"]
+        response = chat(c, "alpha")
+        assert response.status_code == 200
+        assert response.json()["model"] == "org/model-a"
+        assert chat(c, "a").status_code == 200
+        assert engine_starts(c, "org/model-a") == 1
+        assert c.get("/v1/models/a").json()["root"] == "org/model-a"

@@ -1,0 +1,220 @@
+"""Engine processes: no orphans, disconnects reach the engine, GPU slots, start-up refusals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.support.gateway import fake_model, free_port, running_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def wait_for(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def alive(pids: list[int]) -> list[int]:
+    result = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                result.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return result
+
+
+def engine_pids(pid_file: Path) -> list[int]:
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+    return [int(p) for p in pid_file.read_text().split()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_gateway_stops_engines_and_their_children(tmp_path: Path, sig: int) -> None:
+    pid_file = tmp_path / "pids"
+    cfg = fake_model("m", "--spawn-child", "--pid-file", str(pid_file))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        pids = engine_pids(pid_file) + gw.engine_pids()
+        assert len(alive(pids)) >= 3  # guard, engine, engine's child
+        # uvicorn re-raises the signal once shut down cleanly: death by that signal, or 0.
+        assert gw.stop(sig) in (0, -sig)
+    wait_for(lambda: not alive(pids), timeout=15)
+
+
+def test_a_killed_gateway_leaves_no_engine_behind(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    cfg = fake_model("m", "--spawn-child", "--pid-file", str(pid_file))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        pids = engine_pids(pid_file) + gw.engine_pids()
+        gw.stop(signal.SIGKILL)
+    wait_for(lambda: not alive(pids), timeout=15)
+
+
+def test_engine_killed_by_sigkill_takes_its_children_along_and_restarts(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
+           + fake_model("m", "--spawn-child", "--pid-file", str(pid_file)))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        engine, child = engine_pids(pid_file)
+        pid_file.unlink()
+        os.kill(engine, signal.SIGKILL)
+        wait_for(lambda: gw.status()["m"]["state"] == "failed")
+        assert "exited with code" in gw.status()["m"]["error"]
+        wait_for(lambda: not alive([engine, child]), timeout=10)
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        assert engine_pids(pid_file)[0] != engine
+
+
+def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    cfg = ("[gateway]\nstop_grace_seconds = 1\n"
+           + fake_model("stubborn", "--ignore-sigterm", "--pid-file", str(pid_file)))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "stubborn", "wait": 15}).json()["status"] == "healthy"
+        pids = engine_pids(pid_file)
+        started = time.monotonic()
+        assert c.post("/down", json={"model_path": "stubborn"}).json()["state"] == "cold"
+        assert time.monotonic() - started < 8
+        assert not alive(pids)
+
+
+def test_client_disconnect_closes_the_upstream_request() -> None:
+    cfg = fake_model("m", "--chunks", "200", "--chunk-delay", "0.05")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "m", "stream": True, **CHAT}) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            next(chunks)
+        closed_at = time.monotonic()
+        port = _engine_port(gw)
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1,
+                 timeout=5)
+        assert time.monotonic() - closed_at < 2.0
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
+        assert stats["completed_streams"] == 0
+        assert gw.status()["m"]["in_flight"] == 0
+
+
+def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
+    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
+           + fake_model("m", "--chunks", "20", "--chunk-delay", "0.05", "--die-mid-stream", "5"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        received = b""
+        with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
+            with c.stream("POST", "/v1/chat/completions",
+                          json={"model": "m", "stream": True, **CHAT}) as response:
+                for chunk in response.iter_raw():
+                    received += chunk
+        assert b"[DONE]" not in received
+        assert b"upstream_disconnected" in received
+        wait_for(lambda: gw.status()["m"]["state"] == "failed")
+
+
+def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
+    cfg = fake_model("m", "--chunks", "20", "--chunk-delay", "0.1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        result: dict[str, bytes] = {}
+
+        def consume() -> None:
+            with gw.client() as own, own.stream(
+                "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
+            ) as response:
+                result["body"] = b"".join(response.iter_raw())
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        time.sleep(0.5)
+        gw.process.send_signal(signal.SIGTERM)
+        reader.join(20)
+        assert result["body"].endswith(b"data: [DONE]\n\n")
+        assert gw.process.wait(20) in (0, -signal.SIGTERM)
+
+
+def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
+    cfg = "[gateway]\nlocal_gpus = 2\n"
+    for name in ("a", "b", "c"):
+        cfg += fake_model(name, extra="gpu = 1")
+    cfg += fake_model("big", extra="gpu = 3")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        for name in ("a", "b"):
+            assert c.post("/v1/chat/completions", json={"model": name, **CHAT}).status_code == 200
+        status = gw.status()
+        assert sorted(status["a"]["gpus"] + status["b"]["gpus"]) == [0, 1]
+        time.sleep(0.2)
+        assert c.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+        # "b" is now the least recently used idle engine: starting "c" evicts it.
+        assert c.post("/v1/chat/completions", json={"model": "c", **CHAT}).status_code == 200
+        status = gw.status()
+        assert status["b"]["state"] == "cold"
+        assert status["a"]["state"] == "healthy"
+        assert status["c"]["gpus"] == [1 - status["a"]["gpus"][0]]
+        big = c.post("/up", json={"model_path": "big", "wait": 5}).json()
+        assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
+
+
+def _engine_port(gateway) -> int:  # type: ignore[no-untyped-def]
+    for pid in gateway.engine_pids():
+        cmd = psutil.Process(pid).cmdline()
+        if "--port" in cmd and "engine_guard" not in " ".join(cmd):
+            return int(cmd[cmd.index("--port") + 1])
+    raise AssertionError("no engine")
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_GATEWAY_AUTH"}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "vllm_autoserve.cli", "serve", *args],
+                          capture_output=True, text=True, timeout=30, env=full_env)
+
+
+def test_serve_refuses_to_start_without_a_key_or_with_no_auth_on_a_public_host() -> None:
+    no_key = _serve("--port", str(free_port()))
+    assert no_key.returncode != 0 and "VLLM_GATEWAY_AUTH" in no_key.stderr
+    public = _serve("--no-auth", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert public.returncode != 0 and "loopback" in public.stderr
+
+
+def test_a_bad_config_file_stops_start_up_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[gateway]\nhold_seconds = -1\nidle = 3\n[models."m"]\ngpu = "H100:x"\n')
+    result = _serve("--config", str(config), env={"VLLM_GATEWAY_AUTH": "k"})
+    assert result.returncode == 2
+    assert "gateway.hold_seconds" in result.stderr
+    assert "gateway.idle: unknown key" in result.stderr
+    assert 'models.m.gpu' in result.stderr
+    config.write_text("[gateway\n")
+    result = _serve("--config", str(config), env={"VLLM_GATEWAY_AUTH": "k"})
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_a_port_already_taken_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = _serve("--port", str(port), env={"VLLM_GATEWAY_AUTH": "k"})
+    assert result.returncode == 1 and "already in use" in result.stderr

@@ -1,0 +1,204 @@
+"""Auth on every route, bad input answered in OpenAI's format, and pass-through fidelity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.support.fake_engine import FAKE_ENGINE
+from tests.support.gateway import TEST_KEY, fake_model, free_port, running_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+PROTECTED = [
+    ("POST", "/up", {"model_path": "m"}),
+    ("POST", "/v1/up", {"model_path": "m"}),
+    ("POST", "/down", {"model_path": "m"}),
+    ("POST", "/v1/down", {"model_path": "m"}),
+    ("GET", "/status", None),
+    ("GET", "/v1/status", None),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/m", None),
+    ("GET", "/metrics", None),
+    ("GET", "/docs", None),
+    ("GET", "/openapi.json", None),
+    ("POST", "/v1/chat/completions", {"model": "m", **CHAT}),
+    ("POST", "/v1/completions", {"model": "m", "prompt": "x"}),
+    ("POST", "/v1/embeddings", {"model": "m", "input": "x"}),
+    ("POST", "/v1/responses", {"model": "m", "input": "x"}),
+    ("GET", "/nonexistent", None),
+]
+BAD_AUTH = [
+    {},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": f"Basic {TEST_KEY}"},
+    {"Authorization": "Bearer"},
+    {"Authorization": f"Bearer {TEST_KEY[:-1]}"},
+    {"Authorization": f"Bearer {TEST_KEY}x"},
+    {"Authorization": TEST_KEY},
+]
+
+
+@pytest.fixture(scope="module")
+def gateway():  # type: ignore[no-untyped-def]
+    cfg = "[gateway]\nmax_body_bytes = 100000\n" + fake_model("m", "--chunks", "3")
+    with running_gateway(cfg) as gw:
+        yield gw
+
+
+def test_every_route_but_health_needs_the_key(gateway) -> None:  # type: ignore[no-untyped-def]
+    for method, path, body in PROTECTED:
+        for headers in BAD_AUTH:
+            response = httpx.request(method, gateway.url + path, json=body, headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(gateway.url + "/health").status_code == 200
+    # Nothing was started by the refused requests.
+    assert gateway.status()["m"]["state"] == "cold"
+
+
+def test_several_keys_rotate() -> None:
+    with running_gateway(fake_model("m"), key="old-key,new-key") as gw:
+        for key in ("old-key", "new-key"):
+            response = httpx.get(gw.url + "/status", headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 200
+        bad = httpx.get(gw.url + "/status", headers={"Authorization": "Bearer old-key,new-key"})
+        assert bad.status_code == 401
+
+
+BAD_BODIES = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b"42", 400, None),
+    (b"", 400, None),
+    (json.dumps(CHAT).encode(), 400, "missing_model"),
+    (json.dumps({"model": 7, **CHAT}).encode(), 400, None),
+    (json.dumps({"model": None, **CHAT}).encode(), 400, "missing_model"),
+    (json.dumps({"model": "m", "stream": "yes", **CHAT}).encode(), 400, None),
+    (json.dumps({"model": "../../etc/passwd"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "--trust-remote-code"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "-x/y"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "org/na me"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": " org/name"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "org/name\r\nX-Injected: 1"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "a" * 20000}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": "a/b/c"}).encode(), 400, "invalid_model"),
+    (json.dumps({"model": ""}).encode(), 400, None),
+    (b'{"model": "m", "x": "' + b"a" * 200_000 + b'"}', 413, "payload_too_large"),
+    (b"[" * 100_000 + b"]" * 100_000, 413, None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code"), BAD_BODIES)
+def test_bad_input_gets_an_openai_error_and_changes_nothing(gateway, body, status, code) -> None:  # type: ignore[no-untyped-def]
+    with gateway.client() as c:
+        response = c.post("/v1/chat/completions", content=body,
+                          headers={"Content-Type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
+        if code:
+            assert error["code"] == code
+        assert TEST_KEY not in response.text
+        statuses = gateway.status()
+        assert list(statuses) == ["m"] and statuses["m"]["state"] == "cold"
+
+
+def test_bad_up_and_down_bodies(gateway) -> None:  # type: ignore[no-untyped-def]
+    with gateway.client() as c:
+        for body in (b"{", b"[]", b"{}", b'{"model_path": 5}', b'{"model_path": "m", "wait": -1}',
+                     b'{"model_path": "m", "wait": "soon"}', b'{"model_path": "../x"}'):
+            for path in ("/up", "/down"):
+                response = c.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert response.status_code == 400, (path, body, response.text)
+                assert "error" in response.json()
+        assert gateway.status()["m"]["state"] == "cold"
+
+
+def test_unlisted_model_is_404_when_only_listed_models_are_allowed() -> None:
+    cfg = "[gateway]\nallow_unlisted = false\n" + fake_model("m")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        response = c.post("/v1/chat/completions", json={"model": "org/other", **CHAT})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "model_not_found"
+        assert c.post("/up", json={"model_path": "org/other"}).status_code == 404
+        assert list(gw.status()) == ["m"]
+
+
+def test_upstream_errors_pass_through_unchanged(gateway) -> None:  # type: ignore[no-untyped-def]
+    with gateway.client() as c:
+        response = c.post("/v1/chat/completions",
+                          json={"model": "m", "max_tokens": 10**9, **CHAT})
+        assert response.status_code == 400
+        assert response.json()["error"] == {
+            "message": "max_tokens is too large", "type": "BadRequestError",
+            "param": "max_tokens", "code": 400}
+
+
+def test_gateway_key_is_never_forwarded_and_engine_requires_its_own(gateway) -> None:  # type: ignore[no-untyped-def]
+    with gateway.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        assert c.post("/v1/embeddings", json={"model": "m", "input": "x"}).status_code == 200
+    argv = _engine_argv(gateway)
+    engine_port = int(argv[argv.index("--port") + 1])
+    stats = httpx.get(f"http://127.0.0.1:{engine_port}/stats").json()
+    assert stats["env_gateway_auth"] is None
+    assert stats["auth_headers"]
+    assert all(TEST_KEY not in h and h.startswith("Bearer ") for h in stats["auth_headers"])
+    # Without the engine's key nothing on the host can use the engine.
+    direct = httpx.post(f"http://127.0.0.1:{engine_port}/v1/chat/completions",
+                        json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {TEST_KEY}"})
+    assert direct.status_code == 401
+
+
+def _engine_argv(gateway) -> list[str]:  # type: ignore[no-untyped-def]
+    import psutil
+
+    for pid in gateway.engine_pids():
+        cmd = psutil.Process(pid).cmdline()
+        if str(FAKE_ENGINE) in cmd and "engine_guard" not in " ".join(cmd):
+            return cmd[cmd.index(str(FAKE_ENGINE)):]
+    raise AssertionError("no engine running")
+
+
+@pytest.fixture
+def direct_engine():  # type: ignore[no-untyped-def]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE_ENGINE), "--port", str(port), "--model", "up",
+                             "--chunks", "8", "--chunk-delay", "0.25"])
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_streams_pass_through_byte_for_byte_and_chunk_by_chunk(direct_engine) -> None:  # type: ignore[no-untyped-def]
+    cfg = f'[models."up"]\nurl = "{direct_engine}"\n'
+    body = {"model": "up", "stream": True, **CHAT}
+    with httpx.Client(timeout=30) as plain:
+        with plain.stream("POST", direct_engine + "/v1/chat/completions", json=body) as r:
+            direct = b"".join(r.iter_raw())
+    with running_gateway(cfg) as gw, gw.client() as c:
+        arrivals: list[tuple[float, bytes]] = []
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for chunk in r.iter_raw():
+                arrivals.append((time.monotonic(), chunk))
+    through = b"".join(chunk for _, chunk in arrivals)
+    assert through == direct
+    # 8 chunks 0.25 s apart: the first must arrive long before the last (no buffering).
+    assert len(arrivals) >= 6
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0
