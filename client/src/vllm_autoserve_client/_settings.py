@@ -10,6 +10,7 @@ The classes and the ``autoserve`` command share these fallbacks:
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 from openai import OpenAIError
 
@@ -31,13 +32,20 @@ def _first_set(names: tuple[str, ...]) -> str | None:
 
 
 def resolve_base_url(explicit: str | None) -> str:
-    """The gateway's base URL, or an error naming the ways to give it."""
+    """The gateway's base URL, or an error naming the ways to give it.
+
+    A bare ``scheme://host[:port]`` gets ``/v1``: the gateway serves the OpenAI API there
+    (and ``/up``, ``/down``, ``/status`` at both the root and under ``/v1``).
+    """
     url = explicit or _first_set(BASE_URL_ENV)
     if not url:
         raise OpenAIError(
             "No gateway URL: pass base_url= (--base-url) or set AUTOSERVE_BASE_URL, "
             "e.g. https://WORKSPACE-ENV--gateway.modal.run/v1"
         )
+    parts = urlsplit(url)
+    if parts.path in ("", "/") and not parts.query:
+        url = urlunsplit(parts._replace(path="/v1"))
     return url
 
 

@@ -1,8 +1,10 @@
 """Waiting for one model's pool with the gateway's ``/up``.
 
-Each poll is ``POST {base_url}/up`` with ``{"model_path": model, "wait": W}``: the gateway
-holds the call until the pool is healthy or failed, or ``W`` seconds pass (it caps ``W``),
-so a pool that becomes healthy is noticed at once. Between polls tenacity decides how long to
+Each poll is ``POST {base_url}/up`` with ``{"model_path": model, "wait": W}``. The first asks
+with ``W = 0``: a healthy pool costs one quick call, and a cold one is reported (and started)
+at once. The next ones long-poll: the gateway holds the call until the pool is healthy or
+failed, or ``W`` seconds pass (it caps ``W``), so a pool that becomes healthy is noticed at
+once. Between polls tenacity decides how long to
 sleep: not at all after a call the gateway held, the gateway's ``Retry-After`` when it sends
 one, otherwise exponential backoff with jitter (a gateway that answers at once, or an error
 worth retrying: 408, 429, 5xx, a few refused connections). The whole wait ends at
@@ -83,6 +85,7 @@ class PoolWait:
         self._waited = False
         self._logged_at = -math.inf
         self._failed_connections = 0
+        self._polls = 0
         self._backoff = tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.25)
 
     def elapsed(self) -> float:
@@ -93,6 +96,9 @@ class PoolWait:
 
     def long_poll(self) -> float:
         """The ``wait`` to ask of the gateway for the next call."""
+        self._polls += 1
+        if self._polls == 1:
+            return 0.0
         return round(max(0.0, min(self.remaining(), MAX_LONG_POLL)), 3)
 
     def judge(self, answer: UpAnswer, seconds: float) -> dict[str, Any]:

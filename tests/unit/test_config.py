@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vllm_autoserve.config import Config, check_model_name, load_config, parse_config
+from vllm_autoserve.errors import ConfigError, InvalidModelName, ModelNotFound
+
+DESIGN_EXAMPLE = '''
+[gateway]
+hold_seconds = 120
+idle_seconds = 900
+allow_unlisted = true
+
+[defaults]
+gpu = "H100"
+vllm_args = []
+env = {}
+
+[models."Qwen/Qwen3-Next-80B-A3B-Instruct"]
+gpu = "H200:2"
+tensor_parallel_size = 2
+aliases = ["qwen-next"]
+vllm_args = ["--max-model-len", "65536"]
+
+[models."my-cpu-model"]
+command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/models/tiny", "--port", "{port}"]
+
+[models."already-running"]
+url = "http://127.0.0.1:9000"
+'''
+
+
+def test_the_documented_example_loads(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(DESIGN_EXAMPLE)
+    config = load_config(path)
+    assert config.resolve("qwen-next") == "Qwen/Qwen3-Next-80B-A3B-Instruct"
+    qwen = config.model("Qwen/Qwen3-Next-80B-A3B-Instruct")
+    assert (qwen.gpu, qwen.tensor_parallel_size) == ("H200:2", 2)
+    assert config.model("my-cpu-model").gpu == "H100"  # from [defaults]
+    assert config.model("already-running").url == "http://127.0.0.1:9000"
+
+
+def test_no_file_means_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AUTOSERVE_CONFIG", raising=False)
+    config = load_config()
+    assert config == Config()
+    assert config.resolve("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_env_merges_and_vllm_args_append() -> None:
+    config = parse_config({
+        "defaults": {"env": {"A": "1", "B": "1"}, "vllm_args": ["--enable-prefix-caching"]},
+        "models": {"m": {"env": {"B": "2"}, "vllm_args": ["--max-model-len", "4096"]}},
+    })
+    model = config.model("m")
+    assert model.env == {"A": "1", "B": "2"}
+    assert model.vllm_args == ["--enable-prefix-caching", "--max-model-len", "4096"]
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"gateway": {"hold_secs": 1}}, "gateway.hold_secs: unknown key"),
+        ({"gateway": {"hold_seconds": 0}}, "gateway.hold_seconds"),
+        ({"gateway": {"allow_unlisted": "maybe"}}, "gateway.allow_unlisted"),
+        ({"models": {"m": {"gpu": "H100:x"}}}, "models.m.gpu"),
+        ({"models": {"m": {"command": ["x"], "url": "http://a"}}}, "exclude each other"),
+        ({"models": {"m": {"url": "ftp://a"}}}, "must be an http(s) URL"),
+        ({"models": {"m": {"command": []}}}, "must not be empty"),
+        ({"models": {"a": {"aliases": ["x"]}, "b": {"aliases": ["x"]}}}, "'x' is used by"),
+        ({"models": {"-bad": {}}}, "not a usable model name"),
+        ({"models": {"m": {"tensor_parallel_size": 0}}}, "models.m.tensor_parallel_size"),
+    ],
+)
+def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert needle in str(info.value)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Qwen/Qwen3-8B", "gpt2", "meta-llama/Llama-3.1-8B-Instruct", "a_b.c-d/e.f_g-1"],
+)
+def test_valid_repo_ids(name: str) -> None:
+    check_model_name(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../etc/passwd", "a/../b", "/abs/path", "-x", "--trust-remote-code", "a/-b", "a b",
+     " a", "a\nb", "a\rb", "a\x00b", "a/b/c", "a" * 257, "a/b.git", "a--b", "", ".hidden"],
+)
+def test_invalid_repo_ids(name: str) -> None:
+    with pytest.raises(InvalidModelName):
+        check_model_name(name)
+
+
+def test_unlisted_models_refused_when_not_allowed() -> None:
+    config = parse_config({"gateway": {"allow_unlisted": False}, "models": {"m": {"aliases": ["x"]}}})
+    assert config.resolve("x") == "m"
+    with pytest.raises(ModelNotFound):
+        config.resolve("org/other")
+    with pytest.raises(InvalidModelName):  # invalid stays a 400, even when unlisted
+        config.resolve("../x")
