@@ -5,7 +5,6 @@ from typing import Any
 
 import httpx2
 import pytest
-
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
 
 from .fake_gateway import API_KEY, BASE_URL, FakeGateway
@@ -13,8 +12,13 @@ from .fake_gateway import API_KEY, BASE_URL, FakeGateway
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AUTOSERVE_BASE_URL", "OPENAI_BASE_URL", "AUTOSERVE_API_KEY",
-                 "VLLM_GATEWAY_AUTH", "OPENAI_API_KEY"):
+    for name in (
+        "AUTOSERVE_BASE_URL",
+        "OPENAI_BASE_URL",
+        "AUTOSERVE_API_KEY",
+        "VLLM_GATEWAY_AUTH",
+        "OPENAI_API_KEY",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -67,8 +67,11 @@ class FakeGateway:
     def queue_not_ready(self, times: int = 1) -> None:
         for _ in range(times):
             self.model_errors.append(
-                (503, error_body("[m] is starting", "service_unavailable", "model_not_ready"),
-                 {"Retry-After": "5"})
+                (
+                    503,
+                    error_body("[m] is starting", "service_unavailable", "model_not_ready"),
+                    {"Retry-After": "5"},
+                )
             )
 
     def queue_model_failed(self, message: str) -> None:
@@ -101,7 +104,9 @@ class FakeGateway:
         body = json.loads(request.content) if request.content else {}
         path = request.url.path
         with self._lock:
-            self.calls.append(Call(request.method, path, body, request.headers, request.url.query.decode()))
+            self.calls.append(
+                Call(request.method, path, body, request.headers, request.url.query.decode())
+            )
             if path != "/v1/up" or request.method != "POST" or self.up_errors or self.fail:
                 return 0.0
             if self.redirect_up:
@@ -115,7 +120,9 @@ class FakeGateway:
     def _answer(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
         if request.headers.get("Authorization") != f"Bearer {API_KEY}":
-            return httpx2.Response(401, json=error_body("bad key", "authentication_error", "invalid_api_key"))
+            return httpx2.Response(
+                401, json=error_body("bad key", "authentication_error", "invalid_api_key")
+            )
         if path == "/v1/up":
             return self._up(request)
         if path == "/v1/down":
@@ -124,20 +131,26 @@ class FakeGateway:
             return httpx2.Response(200, json={"pools": [pool_json("m", "healthy")]})
         body = json.loads(request.content) if request.content else {}
         with self._lock:
-            scripted = self.model_errors.popleft() if self.model_errors and "model" in body else None
+            scripted = (
+                self.model_errors.popleft() if self.model_errors and "model" in body else None
+            )
         if scripted is not None:
             status, error, headers = scripted
             return httpx2.Response(status, json=error, headers=headers)
         handler = _ROUTES.get(path)
         if handler is None:
-            return httpx2.Response(404, json=error_body("no such route", "invalid_request_error", "not_found"))
+            return httpx2.Response(
+                404, json=error_body("no such route", "invalid_request_error", "not_found")
+            )
         return handler(self, body)
 
     def _up(self, request: httpx2.Request) -> httpx2.Response:
         with self._lock:
             if self.up_errors:
                 status, headers = self.up_errors.popleft()
-                return httpx2.Response(status, json=error_body("busy", "server_error", None), headers=headers)
+                return httpx2.Response(
+                    status, json=error_body("busy", "server_error", None), headers=headers
+                )
             if self.redirect_up and request.method == "POST":
                 return httpx2.Response(
                     303, headers={"Location": "/v1/up?__modal_function_call_id=fc-1"}
@@ -149,38 +162,63 @@ class FakeGateway:
             return httpx2.Response(200, json={**pool_json(model, "failed"), "error": self.fail})
         started = self._started[model]
         healthy = not self.pending_forever and time.monotonic() >= started + self.start_seconds
-        headers = {} if healthy or self.up_retry_after is None else {"Retry-After": self.up_retry_after}
-        return httpx2.Response(200, json=pool_json(model, "healthy" if healthy else "starting"), headers=headers)
+        headers = (
+            {} if healthy or self.up_retry_after is None else {"Retry-After": self.up_retry_after}
+        )
+        return httpx2.Response(
+            200, json=pool_json(model, "healthy" if healthy else "starting"), headers=headers
+        )
 
     def _chat(self, body: dict[str, Any]) -> httpx2.Response:
         model = body["model"]
         if body.get("stream"):
-            events = [
-                chunk_json(model, f"tok{i} ") for i in range(self.chunks)
-            ]
+            events = [chunk_json(model, f"tok{i} ") for i in range(self.chunks)]
             sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-            return httpx2.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+            return httpx2.Response(
+                200, content=sse.encode(), headers={"content-type": "text/event-stream"}
+            )
         return httpx2.Response(200, json=completion_json(model, "hello"))
 
     def _completions(self, body: dict[str, Any]) -> httpx2.Response:
-        return httpx2.Response(200, json={
-            "id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "text": "hello", "finish_reason": "stop", "logprobs": None}],
-        })
+        return httpx2.Response(
+            200,
+            json={
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "text": "hello", "finish_reason": "stop", "logprobs": None}
+                ],
+            },
+        )
 
     def _embeddings(self, body: dict[str, Any]) -> httpx2.Response:
-        return httpx2.Response(200, json={
-            "object": "list", "model": body["model"],
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 1.0]}],
-            "usage": {"prompt_tokens": 1, "total_tokens": 1},
-        })
+        return httpx2.Response(
+            200,
+            json={
+                "object": "list",
+                "model": body["model"],
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 1.0]}],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            },
+        )
 
     def _responses(self, body: dict[str, Any]) -> httpx2.Response:
-        return httpx2.Response(200, json={
-            "id": "resp-1", "object": "response", "created_at": 0, "model": body["model"],
-            "status": "completed", "output": [], "parallel_tool_calls": False,
-            "tool_choice": "auto", "tools": [],
-        })
+        return httpx2.Response(
+            200,
+            json={
+                "id": "resp-1",
+                "object": "response",
+                "created_at": 0,
+                "model": body["model"],
+                "status": "completed",
+                "output": [],
+                "parallel_tool_calls": False,
+                "tool_choice": "auto",
+                "tools": [],
+            },
+        )
 
 
 _ROUTES: dict[str, Callable[[FakeGateway, dict[str, Any]], httpx2.Response]] = {
@@ -198,22 +236,37 @@ def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:
 def pool_json(model: str, state: str) -> dict[str, Any]:
     status = {"healthy": "healthy", "failed": "failed"}.get(state, "pending")
     return {
-        "model": model, "status": status, "state": state, "since": time.time() - 65,
-        "last_request": None, "in_flight": 0, "engines": 1 if state != "cold" else 0,
-        "gpus": [], "error": None, "aliases": [], "backend": "local",
+        "model": model,
+        "status": status,
+        "state": state,
+        "since": time.time() - 65,
+        "last_request": None,
+        "in_flight": 0,
+        "engines": 1 if state != "cold" else 0,
+        "gpus": [],
+        "error": None,
+        "aliases": [],
+        "backend": "local",
     }
 
 
 def completion_json(model: str, text: str) -> dict[str, Any]:
     return {
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": text}}],
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        ],
     }
 
 
 def chunk_json(model: str, text: str) -> dict[str, Any]:
     return {
-        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
         "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
     }

@@ -111,7 +111,7 @@ class Engine:
             )
         chat = request.path.endswith("chat/completions")
         n = int(body.get("max_tokens") or self.args.chunks)
-        pieces = completion_text(model, n)
+        pieces = [p + "x" * self.args.pad for p in completion_text(model, n)]
         if body.get("stream"):
             return await self.stream(request, model, pieces, chat)
         content = "".join(pieces)
@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--die-mid-stream", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--pad", type=int, default=0, help="bytes of padding in every chunk")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--pid-file", default=None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar, Unpack
+from typing import Any, Generic, Self, TypeVar, Unpack
 
 import httpx2
 from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
@@ -21,7 +21,7 @@ from openai._models import FinalRequestOptions
 from openai._types import HttpxSendArgs, RequestOptions
 from openai.resources import AsyncCompletions, AsyncEmbeddings, Completions, Embeddings
 from openai.resources.chat import AsyncChat, Chat
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from . import _resources
 from ._errors import AutoserveError, ModelFailedError
@@ -37,7 +37,14 @@ from ._requests import (
     with_default_model,
 )
 from ._settings import DEFAULT_UP_TIMEOUT, LOGGER_NAME, resolve_api_key, resolve_base_url
-from ._up import PoolWait, UpAnswer, WaitCallback, async_wait_for_pool, parse_retry_after, wait_for_pool
+from ._up import (
+    PoolWait,
+    UpAnswer,
+    WaitCallback,
+    async_wait_for_pool,
+    parse_retry_after,
+    wait_for_pool,
+)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -48,7 +55,9 @@ _UP_SLACK = 30.0
 """Read timeout of an ``/up`` call beyond the ``wait`` it asks the gateway for."""
 
 
-class _AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT], Generic[_HttpxClientT, _DefaultStreamT]):
+class _AutoserveBase(
+    BaseClient[_HttpxClientT, _DefaultStreamT], Generic[_HttpxClientT, _DefaultStreamT]
+):
     """What the sync and async clients share: settings, ready-state, request inspection."""
 
     model: str | None
@@ -103,7 +112,9 @@ class _AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT], Generic[_HttpxC
             raise ModelFailedError(model, error.message)
 
     @override
-    def _build_request(self, options: FinalRequestOptions, *, retries_taken: int = 0) -> httpx2.Request:
+    def _build_request(
+        self, options: FinalRequestOptions, *, retries_taken: int = 0
+    ) -> httpx2.Request:
         request = super()._build_request(options, retries_taken=retries_taken)
         model = model_of(options)
         # Multipart bodies may be streams that cannot be sent twice: no transparent retry.
@@ -205,8 +216,12 @@ class AutoserveClient(_AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         """Ask the gateway to start ``model``'s pool; with ``wait`` long-poll that long."""
         name = self._model_arg(model)
         answer = _json_object(
-            self.post("/up", body={"model_path": name, "wait": wait},
-                      cast_to=httpx2.Response, options=_up_options(wait))
+            self.post(
+                "/up",
+                body={"model_path": name, "wait": wait},
+                cast_to=httpx2.Response,
+                options=_up_options(wait),
+            )
         )
         if answer.get("status") == "healthy":
             self._ready.mark_ready(self._ready_key(name))
@@ -233,8 +248,12 @@ class AutoserveClient(_AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
     def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
         def poll(wait: float) -> UpAnswer:
             return _up_answer(
-                self.post("/up", body={"model_path": model, "wait": wait},
-                          cast_to=httpx2.Response, options=_up_options(wait))
+                self.post(
+                    "/up",
+                    body={"model_path": model, "wait": wait},
+                    cast_to=httpx2.Response,
+                    options=_up_options(wait),
+                )
             )
 
         self._ready.ensure(
@@ -333,14 +352,20 @@ class AsyncAutoserveClient(_AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]],
         """Ask the gateway to start ``model``'s pool; with ``wait`` long-poll that long."""
         name = self._model_arg(model)
         answer = _json_object(
-            await self.post("/up", body={"model_path": name, "wait": wait},
-                            cast_to=httpx2.Response, options=_up_options(wait))
+            await self.post(
+                "/up",
+                body={"model_path": name, "wait": wait},
+                cast_to=httpx2.Response,
+                options=_up_options(wait),
+            )
         )
         if answer.get("status") == "healthy":
             self._ready.mark_ready(self._ready_key(name))
         return answer
 
-    async def wait_until_ready(self, model: str | None = None, timeout: float | None = None) -> None:
+    async def wait_until_ready(
+        self, model: str | None = None, timeout: float | None = None
+    ) -> None:
         """Return once ``model``'s pool is healthy; see ``AutoserveClient.wait_until_ready``."""
         await self._ensure_ready(self._model_arg(model), timeout)
 
@@ -359,8 +384,12 @@ class AsyncAutoserveClient(_AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]],
     async def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
         async def poll(wait: float) -> UpAnswer:
             return _up_answer(
-                await self.post("/up", body={"model_path": model, "wait": wait},
-                                cast_to=httpx2.Response, options=_up_options(wait))
+                await self.post(
+                    "/up",
+                    body={"model_path": model, "wait": wait},
+                    cast_to=httpx2.Response,
+                    options=_up_options(wait),
+                )
             )
 
         async def wait() -> None:

@@ -14,7 +14,9 @@ import httpx2
 from openai._compat import model_copy
 from openai._models import FinalRequestOptions
 
-DEFAULT_MODEL_ENDPOINTS = frozenset({"/chat/completions", "/completions", "/embeddings", "/responses"})
+DEFAULT_MODEL_ENDPOINTS = frozenset(
+    {"/chat/completions", "/completions", "/embeddings", "/responses"}
+)
 """Where a missing ``model`` is filled in with the client's default."""
 
 MODEL_NOT_READY = "model_not_ready"

@@ -15,8 +15,8 @@ from typing import Any, TypeVar, cast
 
 from openai import omit
 from openai._compat import cached_property
-from openai.resources import AsyncEmbeddings, Embeddings
 from openai.resources import AsyncCompletions as AsyncTextCompletions
+from openai.resources import AsyncEmbeddings, Embeddings
 from openai.resources import Completions as TextCompletions
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions

@@ -1,0 +1,278 @@
+"""The ``autoserve`` command: start, watch, stop and try models on a vLLM Autoserve gateway.
+
+    autoserve up MODEL [--timeout S]      start MODEL's pool; a spinner until it is healthy
+    autoserve status                      every pool: state, since, last request, engines, ...
+    autoserve down MODEL                  stop MODEL's pool (or let it scale to zero)
+    autoserve models                      the gateway's model list
+    autoserve chat MODEL "prompt"         stream a chat completion, waiting out a cold start
+
+``--base-url`` and ``--api-key`` go before or after the command; they fall back to the
+environment like the client classes do (``AUTOSERVE_BASE_URL``, ``OPENAI_BASE_URL``;
+``AUTOSERVE_API_KEY``, ``VLLM_GATEWAY_AUTH``, ``OPENAI_API_KEY``). Expected failures (no
+gateway there, a refused key, a failed model, a timeout) print one readable message and exit
+with status 1; a usage error exits with 2; Ctrl-C with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from openai import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    OpenAIError,
+)
+from rich.console import Console, RenderableType
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.table import Table
+from rich.text import Text
+
+from ._client import AutoserveClient
+from ._errors import AutoserveError
+from ._settings import DEFAULT_UP_TIMEOUT, resolve_base_url
+
+_STATE_STYLES = {
+    "healthy": "green",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "failed": "bold red",
+    "cold": "dim",
+}
+
+
+class _Waiting:
+    """A live line: spinner, model, the gateway's last reported state, seconds waited."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.state = "asking the gateway"
+        self.started = time.monotonic()
+        self._spinner = Spinner("dots")
+
+    def on_wait(self, model: str, state: str, elapsed: float) -> None:
+        self.state = state
+
+    def __rich__(self) -> RenderableType:
+        elapsed = time.monotonic() - self.started
+        self._spinner.update(text=Text(f"{self.model}: {self.state} ({elapsed:.0f} s)"))
+        return self._spinner
+
+
+def _wait_with_spinner(
+    client: AutoserveClient, waiting: _Waiting, console: Console, timeout: float | None
+) -> float:
+    with Live(waiting, console=console, refresh_per_second=8, transient=True):
+        client.wait_until_ready(waiting.model, timeout=timeout)
+    return time.monotonic() - waiting.started
+
+
+def _age(epoch: object) -> str:
+    if not isinstance(epoch, int | float):
+        return "-"
+    seconds = max(0.0, time.time() - float(epoch))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _state(value: object) -> Text:
+    state = str(value or "-")
+    return Text(state, style=_STATE_STYLES.get(state, ""))
+
+
+def _first_line(value: object) -> str:
+    lines = str(value or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace, out: Console, err: Console) -> None:
+    waiting = _Waiting(args.model)
+    client = _client(args, on_wait=waiting.on_wait)
+    elapsed = _wait_with_spinner(client, waiting, err, args.timeout)
+    out.print(Text.assemble(("✓ ", "green"), f"{args.model} is healthy ({elapsed:.1f} s)"))
+
+
+def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
+    pools: list[dict[str, Any]] = _client(args).status().get("pools", [])
+    if not pools:
+        out.print("No pools yet: no model is configured or has been asked for.")
+        return
+    table = Table(
+        "model",
+        "state",
+        "since",
+        "last request",
+        "in flight",
+        "engines",
+        "gpus",
+        "error",
+        show_edge=False,
+    )
+    for pool in pools:
+        gpus = pool.get("gpus") or []
+        table.add_row(
+            Text(str(pool.get("model", "?"))),
+            _state(pool.get("state") or pool.get("status")),
+            _age(pool.get("since")),
+            _age(pool.get("last_request")),
+            str(pool.get("in_flight", 0)),
+            str(pool.get("engines", 0)),
+            ",".join(str(g) for g in gpus) or "-",
+            Text(_first_line(pool.get("error")), style="red"),
+        )
+    out.print(table)
+
+
+def _down(args: argparse.Namespace, out: Console, err: Console) -> None:
+    answer = _client(args).down(args.model)
+    out.print(Text(f"{args.model}: down (now {answer.get('state', 'cold')})"))
+
+
+def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
+    table = Table("model", "state", "serves", show_edge=False)
+    for model in _client(args).models.list():
+        extra = model.model_extra or {}
+        root = extra.get("root")
+        table.add_row(
+            Text(model.id),
+            _state(extra.get("state")),
+            Text(str(root) if root and root != model.id else ""),
+        )
+    out.print(table)
+
+
+def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
+    waiting = _Waiting(args.model)
+    client = _client(args, on_wait=waiting.on_wait)
+    _wait_with_spinner(client, waiting, err, None)
+    stream = client.chat.completions.create(
+        model=args.model,
+        messages=[{"role": "user", "content": args.prompt}],
+        max_tokens=args.max_tokens,
+        stream=True,
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                sys.stdout.write(choice.delta.content)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _client(args: argparse.Namespace, **kwargs: Any) -> AutoserveClient:
+    return AutoserveClient(
+        base_url=args.base_url,
+        api_key=args.api_key,
+        up_timeout=args.timeout or DEFAULT_UP_TIMEOUT,
+        **kwargs,
+    )
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def describe(exc: Exception, base_url: str | None) -> str:
+    """One readable message for an expected failure."""
+    where = f" at {base_url}" if base_url else ""
+    if isinstance(exc, AutoserveError):
+        return str(exc)
+    if isinstance(exc, APITimeoutError):
+        return f"the gateway{where} did not answer in time"
+    if isinstance(exc, APIConnectionError):
+        cause = exc.__cause__ or exc
+        return f"cannot reach the gateway{where}: {cause}"
+    if isinstance(exc, AuthenticationError):
+        return (
+            "the gateway refused the API key (401): pass --api-key or set "
+            "AUTOSERVE_API_KEY (or VLLM_GATEWAY_AUTH)"
+        )
+    if isinstance(exc, APIStatusError):
+        return f"the gateway answered {exc.status_code}: {exc.message}"
+    return str(exc)
+
+
+def _where(base_url: str | None) -> str | None:
+    try:
+        return resolve_base_url(base_url)
+    except OpenAIError:
+        return None
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace, Console, Console], None]
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--base-url",
+        default=argparse.SUPPRESS,
+        help="the gateway's URL (default: $AUTOSERVE_BASE_URL, $OPENAI_BASE_URL)",
+    )
+    common.add_argument(
+        "--api-key",
+        default=argparse.SUPPRESS,
+        help="the gateway's key (default: $AUTOSERVE_API_KEY, $VLLM_GATEWAY_AUTH, $OPENAI_API_KEY)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="autoserve",
+        parents=[common],
+        description="Start, watch, stop and try models on a vLLM Autoserve gateway.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help_, description=help_)
+        sub.set_defaults(run=run)
+        return sub
+
+    up = add("up", _up, "start a model's pool and wait until it is healthy")
+    up.add_argument("model", metavar="MODEL")
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"give up after this many seconds (default {DEFAULT_UP_TIMEOUT:.0f})",
+    )
+    add("status", _status, "show every pool the gateway knows")
+    down = add("down", _down, "stop a model's pool")
+    down.add_argument("model", metavar="MODEL")
+    add("models", _models, "list the gateway's models")
+    chat = add("chat", _chat, "stream a chat completion (waits out a cold start)")
+    chat.add_argument("model", metavar="MODEL")
+    chat.add_argument("prompt", metavar="PROMPT")
+    chat.add_argument("--max-tokens", type=int, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("base_url", "api_key", "timeout"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    out, err = Console(), Console(stderr=True)
+    try:
+        args.run(args, out, err)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except (OpenAIError, ValueError) as exc:
+        err.print(Text.assemble(("error: ", "bold red"), describe(exc, _where(args.base_url))))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
