@@ -121,7 +121,7 @@ def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
            + fake_model("m", "--chunks", "20", "--chunk-delay", "0.05", "--die-mid-stream", "5"))
     with running_gateway(cfg) as gw, gw.client() as c:
         received = b""
-        with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
+        with pytest.raises(httpx.RemoteProtocolError):
             with c.stream("POST", "/v1/chat/completions",
                           json={"model": "m", "stream": True, **CHAT}) as response:
                 for chunk in response.iter_raw():

@@ -86,7 +86,10 @@ class PoolWait:
         self._logged_at = -math.inf
         self._failed_connections = 0
         self._polls = 0
-        self._backoff = tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.25)
+        # 0.1 s, 0.2 s, 0.4 s ... up to 5 s, plus up to 0.25 s of jitter.
+        self._backoff = tenacity.wait_exponential(multiplier=0.1, max=5.0) + tenacity.wait_random(
+            0, 0.25
+        )
 
     def elapsed(self) -> float:
         return time.monotonic() - self._started
