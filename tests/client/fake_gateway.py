@@ -29,6 +29,7 @@ class Call:
     body: dict[str, Any]
     headers: httpx2.Headers
     query: str = ""
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -56,6 +57,10 @@ class FakeGateway:
     def paths(self) -> list[str]:
         with self._lock:
             return [c.path for c in self.calls]
+
+    def times(self, path: str) -> list[float]:
+        with self._lock:
+            return [c.at for c in self.calls if c.path == path]
 
     def count(self, path: str) -> int:
         return self.paths().count(path)

@@ -218,3 +218,21 @@ def test_a_port_already_taken_is_a_clear_error() -> None:
         port = sock.getsockname()[1]
         result = _serve("--port", str(port), env={"VLLM_GATEWAY_AUTH": "k"})
     assert result.returncode == 1 and "already in use" in result.stderr
+
+
+def test_engine_answering_garbage_is_a_502_and_the_gateway_keeps_serving() -> None:
+    cfg = fake_model("garbage", "--garbage") + fake_model("fine")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        response = c.post("/v1/chat/completions", json={"model": "garbage", **CHAT})
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_unavailable"
+        assert c.post("/v1/chat/completions", json={"model": "fine", **CHAT}).status_code == 200
+        assert httpx.get(gw.url + "/health").status_code == 200
+
+
+def test_engine_closing_the_connection_early_cuts_the_response_visibly() -> None:
+    cfg = fake_model("cut", "--close-early")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            c.post("/v1/chat/completions", json={"model": "cut", **CHAT})
+        assert httpx.get(gw.url + "/health").status_code == 200

@@ -97,6 +97,8 @@ class Engine:
         self.count()
         body = await request.json()
         model = body.get("model", "")
+        if self.args.garbage or self.args.close_early:
+            return await self.misbehave(request)
         if int(body.get("max_tokens") or 0) > 100_000:
             return web.json_response(
                 {
@@ -134,6 +136,19 @@ class Engine:
                 "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
             }
         )
+
+    async def misbehave(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        if self.args.garbage:
+            transport.write(b"\x00\x01 this is not HTTP \xff\r\n\r\n")
+        else:
+            transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 1000\r\n\r\n{\"id\": \"cut")
+        await asyncio.sleep(0.05)
+        transport.close()
+        await asyncio.sleep(30)  # never answer properly; the connection is gone anyway
+        return web.StreamResponse()
 
     async def stream(
         self, request: web.Request, model: str, pieces: list[str], chat: bool
@@ -195,6 +210,9 @@ def main() -> None:
     parser.add_argument("--die-mid-stream", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
+    parser.add_argument("--garbage", action="store_true", help="answer with bytes that are not HTTP")
+    parser.add_argument("--close-early", action="store_true",
+                        help="promise a body, send half of it, close the connection")
     parser.add_argument("--pad", type=int, default=0, help="bytes of padding in every chunk")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")

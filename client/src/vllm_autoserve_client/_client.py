@@ -175,11 +175,9 @@ class AutoserveClient(_AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         _ready: ReadyState | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            api_key=api_key if callable(api_key) else resolve_api_key(api_key),
-            base_url=resolve_base_url(None if base_url is None else str(base_url)),
-            **kwargs,
-        )
+        url = resolve_base_url(None if base_url is None else str(base_url))
+        key = api_key if callable(api_key) else resolve_api_key(api_key)
+        super().__init__(api_key=key, base_url=url, **kwargs)
         self._init_autoserve(model, up_timeout, on_wait, _ready)
 
     @override
@@ -311,11 +309,9 @@ class AsyncAutoserveClient(_AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]],
         _ready: ReadyState | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            api_key=api_key if callable(api_key) else resolve_api_key(api_key),
-            base_url=resolve_base_url(None if base_url is None else str(base_url)),
-            **kwargs,
-        )
+        url = resolve_base_url(None if base_url is None else str(base_url))
+        key = api_key if callable(api_key) else resolve_api_key(api_key)
+        super().__init__(api_key=key, base_url=url, **kwargs)
         self._init_autoserve(model, up_timeout, on_wait, _ready)
 
     @override

@@ -56,6 +56,8 @@ class GatewaySettings(_Strict):
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
     """Routes answered without a key (``/health`` always is)."""
+    min_containers: Annotated[int, Field(ge=0)] = 0
+    """Modal: gateway containers kept warm (0: the gateway, too, scales to zero when idle)."""
 
 
 class ModelSettings(_Strict):
@@ -64,18 +66,26 @@ class ModelSettings(_Strict):
     gpu: str | int | None = None
     """Modal GPU spec ("H100", "H200:2"); locally only the count matters. 0: no GPU."""
     tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
+    """vLLM's ``--tensor-parallel-size``; also the local GPU count when ``gpu`` is unset."""
     vllm_args: list[str] | None = None
+    """Extra arguments for vLLM's server; appended after those of ``[defaults]``."""
     env: dict[str, str] | None = None
+    """Extra environment for the engine; merged over that of ``[defaults]``."""
     startup_seconds: PositiveSeconds | None = None
+    """Overrides ``[gateway] startup_seconds`` for this model."""
     idle_seconds: PositiveSeconds | None = None
+    """Overrides ``[gateway] idle_seconds`` for this model."""
     engine_python: str | None = None
     """Python interpreter that has vLLM installed (local backend)."""
     # Modal backend
     min_containers: Annotated[int, Field(ge=0)] | None = None
+    """Modal: engine containers kept warm even when idle (costs money while idle)."""
     max_containers: Annotated[int, Field(ge=1)] | None = None
+    """Modal: upper bound of the model's autoscaled pool."""
     max_inputs: Annotated[int, Field(ge=1)] | None = None
     """Concurrent requests one engine container takes (``@modal.concurrent``)."""
     memory_snapshot: bool | None = None
+    """Modal: opt in to memory snapshots for faster cold starts (single-GPU models only)."""
 
     @field_validator("gpu")
     @classmethod
@@ -91,6 +101,7 @@ class ModelConfig(ModelSettings):
     """``[models."name"]``: one model; unset keys come from ``[defaults]``."""
 
     aliases: list[str] = []
+    """Other names clients may use for this model."""
     command: list[str] | None = None
     """Launch this instead of vLLM; ``{port}``, ``{model}`` and ``{host}`` are filled in."""
     url: str | None = None

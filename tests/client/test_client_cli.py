@@ -1,0 +1,102 @@
+"""The ``autoserve`` command against the in-memory gateway (and a closed port)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import pytest
+
+from vllm_autoserve_client import AutoserveClient, cli
+
+from .fake_gateway import API_KEY, BASE_URL, FakeGateway
+
+
+@pytest.fixture(autouse=True)
+def _wide_and_wired(monkeypatch: pytest.MonkeyPatch, gateway: FakeGateway) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def client(**kwargs: Any) -> AutoserveClient:
+        if kwargs.get("base_url") != "http://127.0.0.1:9":
+            kwargs["http_client"] = httpx2.Client(transport=gateway.transport())
+        return AutoserveClient(**kwargs)
+
+    monkeypatch.setattr(cli, "AutoserveClient", client)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = cli.main(["--base-url", BASE_URL, "--api-key", API_KEY, *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_up_waits_until_healthy(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway.start_seconds = 0.3
+    status, out, err = run(capsys, "up", "Qwen/Qwen3-0.6B")
+    assert status == 0, err
+    assert "Qwen/Qwen3-0.6B is healthy" in out
+    assert gateway.bodies("/v1/up")[0]["model_path"] == "Qwen/Qwen3-0.6B"
+
+
+def test_up_of_a_failed_model(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway.fail = "[m] engine exited: boom message\nmore log"
+    status, out, err = run(capsys, "up", "m")
+    assert status == 1
+    assert "boom message" in err
+    assert "Traceback" not in out + err
+
+
+def test_up_times_out(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway.pending_forever = True
+    status, _, err = run(capsys, "up", "m", "--timeout", "0.3")
+    assert status == 1
+    assert "[m] not healthy after waiting" in err
+
+
+def test_status_table(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "status")
+    assert status == 0, err
+    for heading in ("model", "state", "since", "last request", "in flight", "engines", "gpus"):
+        assert heading in out
+    assert "healthy" in out and "1m ago" in out
+
+
+def test_down(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "down", "m")
+    assert status == 0
+    assert "m: down" in out
+    assert gateway.bodies("/v1/down") == [{"model_path": "m"}]
+
+
+def test_chat_streams_tokens(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, "chat", "m", "Say hi")
+    assert status == 0, err
+    assert out == "tok0 tok1 tok2 \n"
+    body = gateway.bodies("/v1/chat/completions")[0]
+    assert body["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert body["stream"] is True
+
+
+def test_a_refused_key(capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["status", "--base-url", BASE_URL, "--api-key", "wrong"])
+    _, err = capsys.readouterr()
+    assert status == 1
+    assert "refused the API key" in err
+
+
+def test_a_refused_connection(capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["--base-url", "http://127.0.0.1:9", "--api-key", "k", "up", "m"])
+    _, err = capsys.readouterr()
+    assert status == 1
+    assert "cannot reach the gateway at http://127.0.0.1:9/v1" in err
+    assert "Traceback" not in err
+
+
+def test_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["status"]) == 1
+    assert "AUTOSERVE_BASE_URL" in capsys.readouterr().err
+    monkeypatch.setenv("AUTOSERVE_BASE_URL", BASE_URL)
+    monkeypatch.setenv("VLLM_GATEWAY_AUTH", API_KEY)
+    assert cli.main(["status"]) == 0

@@ -1,0 +1,90 @@
+"""Copies keep the model and settings and share the ready-state; the classes are OpenAI's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+
+from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
+
+from .fake_gateway import FakeGateway
+from .typed_usage import ask, ask_async, tuned
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def _on_wait(model: str, state: str, elapsed: float) -> None:
+    pass
+
+
+def test_with_options_keeps_model_and_settings_and_shares_the_ready_state(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m", up_timeout=42, on_wait=_on_wait)
+    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    copied = client.with_options(timeout=5, max_retries=0)
+    assert isinstance(copied, AutoserveClient)
+    assert (copied.model, copied.up_timeout, copied.on_wait) == ("m", 42, _on_wait)
+    assert copied.timeout == 5 and copied.max_retries == 0
+    assert copied._client is client._client
+    copied.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.count("/v1/up") == 1
+
+
+def test_copy_can_change_our_settings(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m")
+    other = client.copy(model="other", up_timeout=7)
+    assert (other.model, other.up_timeout) == ("other", 7)
+    assert client.model == "m"
+    other.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    client.chat.completions.create(model="other", messages=MESSAGES)  # type: ignore[arg-type]
+    assert [b["model_path"] for b in gateway.bodies("/v1/up")] == ["other"]
+
+
+def test_a_different_base_url_is_a_different_gateway(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m")
+    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    elsewhere = client.with_options(base_url="http://gateway.test/v1/")
+    elsewhere.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.count("/v1/up") == 1  # same URL after normalisation
+    assert client._ready_key("m") == elsewhere._ready_key("m")
+
+
+async def test_async_copies(
+    gateway: FakeGateway, make_async_client: Callable[..., AsyncAutoserveClient]
+) -> None:
+    client = make_async_client(model="m", up_timeout=9)
+    await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    copied = client.with_options(timeout=3)
+    assert isinstance(copied, AsyncAutoserveClient)
+    assert (copied.model, copied.up_timeout) == ("m", 9)
+    await copied.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.count("/v1/up") == 1
+
+
+async def test_code_typed_for_the_sdk_takes_our_clients(
+    gateway: FakeGateway,
+    make_client: Callable[..., AutoserveClient],
+    make_async_client: Callable[..., AsyncAutoserveClient],
+) -> None:
+    client = make_client(model="m")
+    assert isinstance(client, openai.OpenAI)
+    assert ask(client, "m") == "hello"
+    assert ask(tuned(client), "m") == "hello"
+    aclient = make_async_client()
+    assert isinstance(aclient, openai.AsyncOpenAI)
+    assert await ask_async(aclient, "m") == "hello"
+
+
+def test_code_typed_for_the_sdk_type_checks_with_our_clients() -> None:
+    from mypy import api
+
+    here = Path(__file__).parent
+    stdout, stderr, status = api.run(["--strict", str(here / "typed_usage.py")])
+    assert status == 0, stdout + stderr

@@ -1,0 +1,104 @@
+"""The gateway's 503s after the pool was ready: one more wait and one retry, never blind retries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient, ModelFailedError
+
+from .fake_gateway import FakeGateway, error_body
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def ready_client(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> AutoserveClient:
+    client = make_client(model="m")
+    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.paths() == ["/v1/up", CHAT]
+    return client
+
+
+def test_model_not_ready_waits_again_and_retries_once(
+    gateway: FakeGateway, ready_client: AutoserveClient
+) -> None:
+    gateway.queue_not_ready()
+    reply = ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert reply.choices[0].message.content == "hello"
+    assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]
+    ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.paths()[5:] == [CHAT]  # ready again: straight through
+
+
+def test_model_not_ready_on_a_stream(
+    gateway: FakeGateway, ready_client: AutoserveClient
+) -> None:
+    gateway.queue_not_ready()
+    stream = ready_client.chat.completions.create(messages=MESSAGES, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "tok0 tok1 tok2 "
+    assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]
+
+
+def test_model_not_ready_with_streaming_response(
+    gateway: FakeGateway, ready_client: AutoserveClient
+) -> None:
+    gateway.queue_not_ready()
+    with ready_client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+        messages=MESSAGES, stream=True
+    ) as response:
+        assert response.status_code == 200
+    assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]
+
+
+def test_not_ready_twice_is_an_error_without_blind_retries(
+    gateway: FakeGateway, ready_client: AutoserveClient
+) -> None:
+    gateway.queue_not_ready(times=2)
+    with pytest.raises(openai.InternalServerError) as info:
+        ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert info.value.status_code == 503
+    assert info.value.code == "model_not_ready"
+    assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]  # max_retries=2 did not kick in
+
+
+def test_model_failed_raises_and_forgets_the_ready_state(
+    gateway: FakeGateway, ready_client: AutoserveClient
+) -> None:
+    gateway.queue_model_failed("[m] engine died: CUDA error")
+    with pytest.raises(ModelFailedError, match="CUDA error") as info:
+        ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert info.value.model == "m"
+    assert gateway.paths()[2:] == [CHAT]
+    ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.paths()[3:] == ["/v1/up", CHAT]
+
+
+def test_other_503s_keep_the_sdks_own_retries(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m", max_retries=1)
+    gateway.model_errors.append(
+        (503, error_body("overloaded", "server_error", None), {"retry-after-ms": "10"})
+    )
+    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    assert gateway.paths() == ["/v1/up", CHAT, CHAT]
+
+
+async def test_async_model_not_ready_waits_again_and_retries_once(
+    gateway: FakeGateway, make_async_client: Callable[..., AsyncAutoserveClient]
+) -> None:
+    client = make_async_client(model="m")
+    await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    gateway.queue_not_ready()
+    stream = await client.chat.completions.create(messages=MESSAGES, stream=True)  # type: ignore[call-overload]
+    assert [c.choices[0].delta.content async for c in stream] == ["tok0 ", "tok1 ", "tok2 "]
+    assert gateway.paths() == ["/v1/up", CHAT, CHAT, "/v1/up", CHAT]
+    gateway.queue_model_failed("boom")
+    with pytest.raises(ModelFailedError, match="boom"):
+        await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
