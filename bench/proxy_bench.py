@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ class Run:
                     self.log(f"{name}: {started}")
                     continue
                 self.procs.append(started)
-                self.targets[name] = (started.url, None)
+                self.targets[name] = (started.url, started.key)
                 self.proxies[name] = started
         self.loadgen = LoadGen(self.workdir)
         self.results["native"] = {
@@ -213,7 +214,7 @@ class Run:
 
     def scenario_latency(self) -> None:
         q = self.quick
-        rounds = 2 if q else 5
+        rounds = self.args.rounds or (2 if q else 5)
         seconds = 2.0 if q else 3.0
         base = {"model": "bench", "seconds": seconds}
         self.rounds("chat_c1", {**base, "concurrency": 1, "count": 600 if q else 1500}, rounds)
@@ -234,7 +235,7 @@ class Run:
 
     def scenario_saturation(self) -> None:
         wrk = shutil.which("wrk")
-        rounds = 2 if self.quick else 3
+        rounds = self.args.rounds or (2 if self.quick else 3)
         duration = 3 if self.quick else 5
         conns = 64
         rps: dict[str, list[float]] = defaultdict(list)
@@ -364,26 +365,33 @@ class Run:
         shutil.copy(raw, self.workdir / "profile-gateway.txt")
 
     def scenario_cold(self) -> None:
-        reps = 2 if self.quick else 4
-        delays = [1.0 + 0.37 * i for i in range(reps)]
+        """Held requests for ``command =`` models whose stand-in listens only after a delay.
+
+        The delays are staggered over 0.5 s past the point where the gateway's health poll
+        has reached its longest interval, so the engines come up at every phase of the poll;
+        the held requests are sent at once, one thread each.
+        """
+        reps = 3 if self.quick else 6
+        delays = [2.0 + 0.5 * i / reps for i in range(reps)]
         events = [self.workdir / f"cold-{i}.jsonl" for i in range(reps)]
         cold = [
             (f"bench-cold-{i}",
              [sys.executable, str(UPSTREAM), "--port", "{port}", "--startup-delay",
-              f"{delays[i]:.2f}", "--events", str(events[i]), "--lifetime", "600"])
+              f"{delays[i]:.3f}", "--events", str(events[i]), "--lifetime", "600"])
             for i in range(reps)
         ]
         client_model = ("bench-cold-client",
                         [sys.executable, str(UPSTREAM), "--port", "{port}", "--startup-delay",
-                         "1.5", "--events", str(self.workdir / "cold-client.jsonl"),
+                         "2.0", "--events", str(self.workdir / "cold-client.jsonl"),
                          "--lifetime", "600"])
         gateway = start_gateway(
             self.workdir, None, name="gateway-cold", src=self.args.gateway_src,
             cold=[*cold, client_model],
         )
         self.procs.append(gateway)
-        held = []
-        for i, (model, _) in enumerate(cold):
+
+        def held_request(i: int) -> dict[str, Any]:
+            model = cold[i][0]
             sent = time.monotonic()
             status, _ = http_json(
                 gateway.url + "/v1/chat/completions",
@@ -392,7 +400,7 @@ class Run:
             )
             answered = time.monotonic()
             marks = read_events(events[i])
-            held.append({
+            return {
                 "model": model,
                 "status": status,
                 "startup_delay_s": delays[i],
@@ -401,8 +409,12 @@ class Run:
                 if {"health_ok", "listening"} <= marks.keys() else float("nan"),
                 "health_ok_to_request_ms": (marks["request"] - marks["health_ok"]) * 1e3
                 if {"health_ok", "request"} <= marks.keys() else float("nan"),
-            })
-            self.log(f"cold {model}: {held[-1]}")
+            }
+
+        with ThreadPoolExecutor(reps) as pool:
+            held = list(pool.map(held_request, range(reps)))
+        for h in held:
+            self.log(f"cold {h['model']}: {h}")
         self.results["cold"] = {"held": held, "client": self._cold_client(gateway)}
 
     def _cold_client(self, gateway: Proc) -> dict[str, Any]:
@@ -683,6 +695,7 @@ def main() -> int:
                         "memory,cold,saturation")
     parser.add_argument("--client", choices=["raw", "aiohttp"], default="raw",
                         help="the load generator's HTTP client (default: raw httptools)")
+    parser.add_argument("--rounds", type=int, default=0, help="override the rounds per scenario")
     parser.add_argument("--streams", type=int, default=1000, help="open streams for memory")
     parser.add_argument("--gateway-src", default=None,
                         help="server/src of another checkout to run as the gateway")

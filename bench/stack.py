@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -303,7 +304,10 @@ def start_litellm(workdir: Path, upstream_url: str, explicit: str | None) -> Pro
         + "".join(entries)
         + "litellm_settings:\n  telemetry: false\n  drop_params: true\n"
     )
+    master_key = "sk-bench-" + secrets.token_hex(16)
     env = {
+        # It refuses to start without a master key (and then asks for it on every request).
+        "LITELLM_MASTER_KEY": master_key,
         # Keep it offline: no model-cost map download, no telemetry.
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LITELLM_TELEMETRY_DISABLED": "true",
@@ -314,6 +318,7 @@ def start_litellm(workdir: Path, upstream_url: str, explicit: str | None) -> Pro
     argv += ["--num_workers", "1"]
     proc = spawn("litellm", argv, workdir, env)
     proc.url = f"http://{HOST}:{port}"
+    proc.key = master_key
     try:
         wait_ready(proc, proc.url + "/health/liveliness", 120)
     except RuntimeError as exc:

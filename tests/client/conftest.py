@@ -5,6 +5,7 @@ from typing import Any
 
 import httpx2
 import pytest
+
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
 
 from .fake_gateway import API_KEY, BASE_URL, FakeGateway

@@ -9,13 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
 from vllm_autoserve_client._ready import ReadyState
 
 from .fake_gateway import API_KEY, BASE_URL, FakeGateway
+from .helpers import achat, chat
 
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 KEY = ("http://gw/v1/", "m")
 
 
@@ -28,7 +30,7 @@ def test_sixteen_threads_share_one_wait(
 
     def ask(_: int) -> str | None:
         barrier.wait()
-        return client.chat.completions.create(messages=MESSAGES).choices[0].message.content  # type: ignore[call-overload, no-any-return]
+        return chat(client)
 
     with ThreadPoolExecutor(16) as pool:
         replies = list(pool.map(ask, range(16)))
@@ -44,11 +46,7 @@ async def test_sixteen_tasks_share_one_wait(
     gateway.start_seconds = 0.5
     client = make_async_client(model="m")
 
-    async def ask() -> str | None:
-        reply = await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
-        return reply.choices[0].message.content  # type: ignore[no-any-return]
-
-    replies = await asyncio.gather(*(ask() for _ in range(16)))
+    replies = await asyncio.gather(*(achat(client) for _ in range(16)))
     assert replies == ["hello"] * 16
     assert gateway.count("/v1/up") == 2
     assert gateway.count("/v1/chat/completions") == 16
@@ -65,11 +63,7 @@ def test_two_event_loops_share_one_wait(gateway: FakeGateway) -> None:
     barrier = threading.Barrier(2)
 
     async def eight_tasks() -> list[str | None]:
-        async def ask() -> str | None:
-            reply = await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
-            return reply.choices[0].message.content  # type: ignore[no-any-return]
-
-        return await asyncio.gather(*(ask() for _ in range(8)))
+        return await asyncio.gather(*(achat(client) for _ in range(8)))
 
     def run_loop(_: int) -> list[str | None]:
         barrier.wait()
@@ -87,7 +81,7 @@ def test_different_models_wait_separately(
 ) -> None:
     client = make_client()
     for model in ("a", "b", "a", "b"):
-        client.chat.completions.create(model=model, messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model=model, messages=MESSAGES)
     assert [b["model_path"] for b in gateway.bodies("/v1/up")] == ["a", "b"]
 
 

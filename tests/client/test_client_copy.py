@@ -6,13 +6,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
 
 from .fake_gateway import FakeGateway
+from .helpers import achat, chat
 from .typed_usage import ask, ask_async, tuned
 
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 def _on_wait(model: str, state: str, elapsed: float) -> None:
@@ -23,13 +25,13 @@ def test_with_options_keeps_model_and_settings_and_shares_the_ready_state(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m", up_timeout=42, on_wait=_on_wait)
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     copied = client.with_options(timeout=5, max_retries=0)
     assert isinstance(copied, AutoserveClient)
     assert (copied.model, copied.up_timeout, copied.on_wait) == ("m", 42, _on_wait)
     assert copied.timeout == 5 and copied.max_retries == 0
     assert copied._client is client._client
-    copied.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(copied)
     assert gateway.count("/v1/up") == 1
 
 
@@ -40,8 +42,8 @@ def test_copy_can_change_our_settings(
     other = client.copy(model="other", up_timeout=7)
     assert (other.model, other.up_timeout) == ("other", 7)
     assert client.model == "m"
-    other.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
-    client.chat.completions.create(model="other", messages=MESSAGES)  # type: ignore[arg-type]
+    chat(other)
+    client.chat.completions.create(model="other", messages=MESSAGES)
     assert [b["model_path"] for b in gateway.bodies("/v1/up")] == ["other"]
 
 
@@ -49,9 +51,9 @@ def test_a_different_base_url_is_a_different_gateway(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m")
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     elsewhere = client.with_options(base_url="http://gateway.test/v1/")
-    elsewhere.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(elsewhere)
     assert gateway.count("/v1/up") == 1  # same URL after normalisation
     assert client._ready_key("m") == elsewhere._ready_key("m")
 
@@ -60,11 +62,11 @@ async def test_async_copies(
     gateway: FakeGateway, make_async_client: Callable[..., AsyncAutoserveClient]
 ) -> None:
     client = make_async_client(model="m", up_timeout=9)
-    await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    await achat(client)
     copied = client.with_options(timeout=3)
     assert isinstance(copied, AsyncAutoserveClient)
     assert (copied.model, copied.up_timeout) == ("m", 9)
-    await copied.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    await achat(copied)
     assert gateway.count("/v1/up") == 1
 
 

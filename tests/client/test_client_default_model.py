@@ -6,13 +6,13 @@ import copy
 from collections.abc import Callable
 
 import pytest
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient
 
 from .fake_gateway import FakeGateway
 
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 def test_chat_without_model_uses_the_default(
@@ -41,7 +41,7 @@ def test_an_explicit_model_wins(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m")
-    client.chat.completions.create(model="other", messages=MESSAGES)  # type: ignore[arg-type]
+    client.chat.completions.create(model="other", messages=MESSAGES)
     assert gateway.bodies("/v1/chat/completions")[0]["model"] == "other"
     assert [b["model_path"] for b in gateway.bodies("/v1/up")] == ["other"]
 
@@ -114,9 +114,7 @@ def test_chat_stream_helper_takes_the_default(
 ) -> None:
     client = make_client(model="m")
     with client.chat.completions.stream(messages=MESSAGES) as stream:  # type: ignore[call-arg]
-        text = "".join(
-            event.delta for event in stream if event.type == "content.delta"
-        )
+        text = "".join(event.delta for event in stream if event.type == "content.delta")
     assert text == "tok0 tok1 tok2 "
     assert gateway.bodies("/v1/chat/completions")[0]["model"] == "m"
 

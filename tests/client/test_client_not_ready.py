@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient, ModelFailedError
 
 from .fake_gateway import FakeGateway, error_body
+from .helpers import achat, achat_stream, chat, chat_stream
 
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 CHAT = "/v1/chat/completions"
 
 
@@ -20,7 +22,7 @@ def ready_client(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> AutoserveClient:
     client = make_client(model="m")
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths() == ["/v1/up", CHAT]
     return client
 
@@ -29,18 +31,15 @@ def test_model_not_ready_waits_again_and_retries_once(
     gateway: FakeGateway, ready_client: AutoserveClient
 ) -> None:
     gateway.queue_not_ready()
-    reply = ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
-    assert reply.choices[0].message.content == "hello"
+    assert chat(ready_client) == "hello"
     assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]
-    ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(ready_client)
     assert gateway.paths()[5:] == [CHAT]  # ready again: straight through
 
 
-def test_model_not_ready_on_a_stream(
-    gateway: FakeGateway, ready_client: AutoserveClient
-) -> None:
+def test_model_not_ready_on_a_stream(gateway: FakeGateway, ready_client: AutoserveClient) -> None:
     gateway.queue_not_ready()
-    stream = ready_client.chat.completions.create(messages=MESSAGES, stream=True)  # type: ignore[call-overload]
+    stream = chat_stream(ready_client)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == "tok0 tok1 tok2 "
     assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]
 
@@ -61,7 +60,7 @@ def test_not_ready_twice_is_an_error_without_blind_retries(
 ) -> None:
     gateway.queue_not_ready(times=2)
     with pytest.raises(openai.InternalServerError) as info:
-        ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(ready_client)
     assert info.value.status_code == 503
     assert info.value.code == "model_not_ready"
     assert gateway.paths()[2:] == [CHAT, "/v1/up", CHAT]  # max_retries=2 did not kick in
@@ -72,10 +71,10 @@ def test_model_failed_raises_and_forgets_the_ready_state(
 ) -> None:
     gateway.queue_model_failed("[m] engine died: CUDA error")
     with pytest.raises(ModelFailedError, match="CUDA error") as info:
-        ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(ready_client)
     assert info.value.model == "m"
     assert gateway.paths()[2:] == [CHAT]
-    ready_client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(ready_client)
     assert gateway.paths()[3:] == ["/v1/up", CHAT]
 
 
@@ -86,7 +85,7 @@ def test_other_503s_keep_the_sdks_own_retries(
     gateway.model_errors.append(
         (503, error_body("overloaded", "server_error", None), {"retry-after-ms": "10"})
     )
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths() == ["/v1/up", CHAT, CHAT]
 
 
@@ -94,11 +93,11 @@ async def test_async_model_not_ready_waits_again_and_retries_once(
     gateway: FakeGateway, make_async_client: Callable[..., AsyncAutoserveClient]
 ) -> None:
     client = make_async_client(model="m")
-    await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    await achat(client)
     gateway.queue_not_ready()
-    stream = await client.chat.completions.create(messages=MESSAGES, stream=True)  # type: ignore[call-overload]
+    stream = await achat_stream(client)
     assert [c.choices[0].delta.content async for c in stream] == ["tok0 ", "tok1 ", "tok2 "]
     assert gateway.paths() == ["/v1/up", CHAT, CHAT, "/v1/up", CHAT]
     gateway.queue_model_failed("boom")
     with pytest.raises(ModelFailedError, match="boom"):
-        await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        await achat(client)

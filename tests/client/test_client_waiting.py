@@ -9,6 +9,7 @@ from collections.abc import Callable
 import httpx2
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from vllm_autoserve_client import (
     AsyncAutoserveClient,
@@ -18,8 +19,9 @@ from vllm_autoserve_client import (
 )
 
 from .fake_gateway import API_KEY, FakeGateway
+from .helpers import achat, chat
 
-MESSAGES = [{"role": "user", "content": "Hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 def test_a_cold_model_is_waited_for_once_then_requests_go_straight_through(
@@ -28,9 +30,9 @@ def test_a_cold_model_is_waited_for_once_then_requests_go_straight_through(
     gateway.start_seconds = 0.5
     client = make_client(model="m")
     started = time.monotonic()
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert 0.5 <= time.monotonic() - started < 1.5
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths() == ["/v1/up", "/v1/up", "/v1/chat/completions", "/v1/chat/completions"]
     first, second = gateway.bodies("/v1/up")
     assert first == {"model_path": "m", "wait": 0.0}
@@ -41,7 +43,7 @@ def test_a_healthy_model_costs_one_quick_up(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m")
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths() == ["/v1/up", "/v1/chat/completions"]
 
 
@@ -49,7 +51,7 @@ def test_up_carries_the_key_and_default_headers(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m", default_headers={"X-Team": "blue"})
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     up = gateway.calls[0]
     assert up.path == "/v1/up"
     assert up.headers["authorization"] == f"Bearer {API_KEY}"
@@ -62,7 +64,7 @@ def test_a_failed_pool_raises_model_failed_error_with_the_gateways_text(
     gateway.fail = "[m] engine exited with status 1\nValueError: boom"
     client = make_client(model="m")
     with pytest.raises(ModelFailedError) as info:
-        client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(client)
     assert isinstance(info.value, openai.OpenAIError)
     assert info.value.model == "m"
     assert "ValueError: boom" in info.value.error
@@ -77,7 +79,7 @@ def test_running_out_of_up_timeout_raises_model_start_timeout(
     client = make_client(model="m", up_timeout=0.8)
     started = time.monotonic()
     with pytest.raises(ModelStartTimeout) as info:
-        client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(client)
     assert 0.8 <= time.monotonic() - started < 2.0
     assert not isinstance(info.value, ModelFailedError)
     assert info.value.model == "m"
@@ -93,7 +95,7 @@ def test_up_follows_modals_303_even_when_the_http_client_does_not(
     gateway.redirect_up = True
     http_client = httpx2.Client(transport=gateway.transport(), follow_redirects=False)
     client = make_client(model="m", http_client=http_client)
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     methods = [(c.method, c.path, c.query) for c in gateway.calls]
     assert methods[:2] == [
         ("POST", "/v1/up", ""),
@@ -108,7 +110,7 @@ def test_retry_after_of_an_error_is_honoured(
 ) -> None:
     gateway.up_errors.append((status, {"Retry-After": "0.6"}))
     client = make_client(model="m")
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     first, second = gateway.times("/v1/up")
     assert second - first >= 0.6
 
@@ -119,7 +121,7 @@ def test_retry_after_of_a_pending_answer_is_honoured(
     gateway.start_seconds = 0.1
     gateway.up_retry_after = "0.5"
     client = make_client(model="m")
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     first, second = gateway.times("/v1/up")[:2]
     assert second - first >= 0.5
 
@@ -129,7 +131,7 @@ def test_a_refused_key_is_not_retried(
 ) -> None:
     client = make_client(model="m", api_key="wrong")
     with pytest.raises(openai.AuthenticationError):
-        client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(client)
     assert gateway.paths() == ["/v1/up"]
 
 
@@ -137,7 +139,7 @@ def test_a_refused_connection_fails_after_a_few_tries() -> None:
     client = AutoserveClient(model="m", base_url="http://127.0.0.1:9/v1", api_key="k")
     started = time.monotonic()
     with pytest.raises(openai.APIConnectionError):
-        client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(client)
     assert time.monotonic() - started < 5
 
 
@@ -150,7 +152,7 @@ def test_on_wait_and_logging_report_the_wait(
     seen: list[tuple[str, str, float]] = []
     client = make_client(model="m", on_wait=lambda *args: seen.append(args))
     with caplog.at_level(logging.INFO, logger="vllm_autoserve_client"):
-        client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        chat(client)
     assert [(m, s) for m, s, _ in seen] == [("m", "starting"), ("m", "healthy")]
     assert seen[0][2] < 0.2 and seen[1][2] >= 0.3
     messages = [r.getMessage() for r in caplog.records if r.name == "vllm_autoserve_client"]
@@ -161,11 +163,11 @@ def test_on_wait_and_logging_report_the_wait(
 def test_helpers(gateway: FakeGateway, make_client: Callable[..., AutoserveClient]) -> None:
     client = make_client(model="m")
     assert client.up()["status"] == "healthy"
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths() == ["/v1/up", "/v1/chat/completions"]  # up() marked it ready
     assert client.status()["pools"][0]["model"] == "m"
     assert client.down()["status"] == "down"
-    client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+    chat(client)
     assert gateway.paths()[-2:] == ["/v1/up", "/v1/chat/completions"]  # down() forgot it
     client.wait_until_ready("other")
     assert gateway.bodies("/v1/up")[-1]["model_path"] == "other"
@@ -195,7 +197,7 @@ async def test_async_helpers_and_errors(
     await client.wait_until_ready()
     gateway.fail = "boom"
     with pytest.raises(ModelFailedError, match="boom"):
-        await client.chat.completions.create(model="x", messages=MESSAGES)  # type: ignore[arg-type]
+        await client.chat.completions.create(model="x", messages=MESSAGES)
 
 
 async def test_async_timeout(
@@ -204,4 +206,4 @@ async def test_async_timeout(
     gateway.pending_forever = True
     client = make_async_client(model="m", up_timeout=0.5)
     with pytest.raises(ModelStartTimeout):
-        await client.chat.completions.create(messages=MESSAGES)  # type: ignore[call-overload]
+        await achat(client)

@@ -70,7 +70,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _retryable_status(status: int) -> bool:
-    return status in (408, 409, 429) or status >= 500
+    return status in (408, 429) or status >= 500
 
 
 class PoolWait:

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import venv
 from collections import deque
@@ -72,7 +73,7 @@ def cpu_engine_dir() -> Path:
 
 
 def _venv_python(root: Path) -> Path:
-    return root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return root / "bin" / "python"
 
 
 def _read_marker(root: Path) -> dict[str, object] | None:
@@ -110,7 +111,6 @@ def _run(
     timeout: float | None = None,
 ) -> int:
     """Run ``argv``, passing each output line to ``on_progress`` and keeping the last ones."""
-    deadline = None if timeout is None else time.monotonic() + timeout
     with subprocess.Popen(
         list(argv),
         stdout=subprocess.PIPE,
@@ -121,17 +121,28 @@ def _run(
         errors="replace",
         bufsize=1,
     ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if line:
-                tail.append(line)
-                on_progress(line)
-            if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
-                tail.append(f"(stopped after {timeout:.0f} s)")
-                break
-        return proc.wait()
+        watchdog = threading.Timer(timeout, proc.kill) if timeout is not None else None
+        if watchdog is not None:
+            watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                if line:
+                    tail.append(line)
+                    on_progress(line)
+            code = proc.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+        if code < 0 and timeout is not None:
+            tail.append(f"(stopped: no result after {timeout:.0f} s)")
+        return code
+
+
+def _create_venv(root: Path) -> None:
+    """A fresh venv with pip, from the interpreter running this code (its base, in a venv)."""
+    venv.EnvBuilder(with_pip=True, symlinks=True).create(root)
 
 
 @contextmanager
@@ -168,6 +179,17 @@ def _base_python_ok() -> None:
         )
 
 
+def _step(
+    argv: list[str],
+    failure: str,
+    on_progress: Callable[[str], None],
+    tail: deque[str],
+    timeout: float | None = None,
+) -> None:
+    if _run(argv, on_progress, tail, timeout) != 0:
+        raise CpuEngineInstallError(failure, "\n".join(tail))
+
+
 def install_cpu_engine(
     *,
     extra_index_url: str | None = None,
@@ -191,54 +213,43 @@ def install_cpu_engine(
         started = time.monotonic()
         tail: deque[str] = deque(maxlen=_TAIL_LINES)
         _remove_previous(root)
-
         on_progress(f"==> creating a virtual environment in {root}")
         try:
-            venv.EnvBuilder(with_pip=True, symlinks=os.name != "nt").create(root)
+            _create_venv(root)
         except (OSError, subprocess.CalledProcessError) as exc:
-            raise CpuEngineInstallError(
-                f"could not create a virtual environment in {root}: {exc}"
-            ) from exc
+            raise CpuEngineInstallError(f"could not create a venv in {root}: {exc}") from exc
         python = _venv_python(root)
-
-        on_progress(f"==> pip install {CPU_ENGINE_REQUIREMENT} (a few minutes; about 1 GB)")
         pip = [str(python), "-m", "pip"]
+
+        on_progress(f"==> pip install {CPU_ENGINE_REQUIREMENT} (minutes; about 3.5 GB on disk)")
         install = [*pip, "install", "--progress-bar", "off", CPU_ENGINE_REQUIREMENT]
-        if extra_index_url:
-            install += ["--extra-index-url", extra_index_url]
-        if _run(install, on_progress, tail) != 0:
-            hint = (
-                ""
-                if extra_index_url
-                else f"\n(for torch's +cpu wheels, try --extra-index-url {PYTORCH_CPU_INDEX})"
-            )
-            raise CpuEngineInstallError(
-                f"pip install {CPU_ENGINE_REQUIREMENT} failed{hint}", "\n".join(tail)
-            )
+        install += ["--extra-index-url", extra_index_url] if extra_index_url else []
+        hint = (
+            ""
+            if extra_index_url
+            else f" (torch's +cpu wheels: --extra-index-url {PYTORCH_CPU_INDEX})"
+        )
+        _step(install, f"pip install {CPU_ENGINE_REQUIREMENT} failed{hint}", on_progress, tail)
 
         on_progress(f"==> pip uninstall {' '.join(CONFLICTING_PACKAGES)} (built for another torch)")
-        if _run([*pip, "uninstall", "-y", *CONFLICTING_PACKAGES], on_progress, tail) != 0:
-            raise CpuEngineInstallError("pip uninstall failed", "\n".join(tail))
+        uninstall = [*pip, "uninstall", "-y", *CONFLICTING_PACKAGES]
+        _step(uninstall, "pip uninstall failed", on_progress, tail)
 
         on_progress(f"==> checking: import {API_SERVER_MODULE}")
         check = [str(python), "-c", f"import {API_SERVER_MODULE}"]
-        if _run(check, on_progress, tail, timeout=VERIFY_TIMEOUT_SECONDS) != 0:
-            raise CpuEngineInstallError(
-                f"{python} cannot import {API_SERVER_MODULE}", "\n".join(tail)
-            )
+        failure = f"{python} cannot import {API_SERVER_MODULE}"
+        _step(check, failure, on_progress, tail, timeout=VERIFY_TIMEOUT_SECONDS)
 
         marker = {
             "requirement": CPU_ENGINE_REQUIREMENT,
-            "python": str(python),
             "extra_index_url": extra_index_url,
             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         partial = root / f"{MARKER_NAME}.tmp"
         partial.write_text(json.dumps(marker, indent=2) + "\n")
-        partial.replace(root / MARKER_NAME)
-        on_progress(
-            f"==> vLLM CPU engine {CPU_ENGINE_VERSION} ready in {time.monotonic() - started:.0f} s: {python}"
-        )
+        partial.replace(root / MARKER_NAME)  # last: its presence means verified
+        elapsed = time.monotonic() - started
+        on_progress(f"==> vLLM CPU engine {CPU_ENGINE_VERSION} ready in {elapsed:.0f} s: {python}")
         return python
 
 
@@ -249,12 +260,11 @@ def cpu_engine_env(*, offline: bool = True) -> dict[str, str]:
     network; pass False to let the engine download a hub model.
     """
     env = {
-        # The KV cache size in GiB. Unset, vLLM reserves --gpu-memory-utilization (0.9) of RAM.
+        # The KV cache in GiB (1 GiB holds about a million tokens of the tiny model). When it
+        # is set, vLLM 0.32 sizes nothing from --gpu-memory-utilization.
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
-        # Torch and OpenMP threads default to every core; the engine is pinned to one.
-        "OMP_NUM_THREADS": str(_engine_threads()),
         "PYTHONUNBUFFERED": "1",
     }
     if offline:
@@ -268,8 +278,9 @@ def cpu_engine_args() -> list[str]:
     return [
         # No torch.compile/inductor pass at start-up (minutes on two cores), and no warm-up run.
         "--enforce-eager",
-        # On the CPU build this is the share of RAM reserved for the engine (the KV cache size
-        # itself comes from VLLM_CPU_KVCACHE_SPACE).
+        # On the CPU build: the share of the NUMA node's RAM the worker asks for. Only used
+        # when VLLM_CPU_KVCACHE_SPACE is unset, and then the default 0.92 fails at start-up
+        # ("Available memory on node 0 ... is less than desired CPU memory utilization").
         "--gpu-memory-utilization",
         "0.15",
     ]
@@ -281,14 +292,12 @@ def _allowed_cores() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def _engine_threads() -> int:
-    return 1 if cpu_launch_prefix() else max(1, len(_allowed_cores()) - 1)
-
-
 def cpu_launch_prefix() -> list[str]:
     """``taskset -c <core>`` on machines with two cores or fewer, where taskset exists.
 
-    Unpinned, vLLM's CPU build takes every core and starves the gateway (and everything else).
+    Unpinned on two cores, the engine's three processes crowd out the gateway and everything
+    else (a 1.5 s probe took 3.5 s; streamed tokens came in bursts up to 1.7 s apart). Pinned
+    to one core, the same probe took 1.6 s and tokens came steadily, at most 14 ms apart.
     """
     cores = _allowed_cores()
     if len(cores) > 2 or shutil.which("taskset") is None:
@@ -307,18 +316,6 @@ def cpu_engine_command(model_path: str, port: int | str, served_name: str) -> li
         raise CpuEngineNotInstalled(
             "the vLLM CPU engine is not installed: run `vllm-autoserve engine install-cpu`"
         )
-    return [
-        *cpu_launch_prefix(),
-        str(python),
-        "-m",
-        API_SERVER_MODULE,
-        "--model",
-        model_path,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--served-model-name",
-        served_name,
-        *cpu_engine_args(),
-    ]
+    argv = [*cpu_launch_prefix(), str(python), "-m", API_SERVER_MODULE, "--model", model_path]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name]
+    return argv + cpu_engine_args()

@@ -122,7 +122,9 @@ class ContainerEngine:
             await asyncio.wait_for(self.process.wait_healthy(self._http()), timeout)
         except TimeoutError:
             await self.process.stop()
-            raise self.process.failure(f"engine did not become healthy within {timeout:g} s") from None
+            raise self.process.failure(
+                f"engine did not become healthy within {timeout:g} s"
+            ) from None
         except EngineFailed:
             await self.process.stop()
             raise

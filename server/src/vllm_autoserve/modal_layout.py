@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 APP_NAME = "vllm-autoserve"
 GATEWAY_LABEL = "gateway"
@@ -82,7 +83,7 @@ def modal_gpu(spec: str | int | None, tensor_parallel_size: int | None = None) -
         spec = tensor_parallel_size or 1
     if isinstance(spec, int):
         if spec <= 0:
-            raise ConfigError("gpu = 0: engines on Modal need a GPU (e.g. gpu = \"H100\")")
+            raise ConfigError('gpu = 0: engines on Modal need a GPU (e.g. gpu = "H100")')
         return DEFAULT_GPU if spec == 1 else f"{DEFAULT_GPU}:{spec}"
     return spec
 
@@ -97,7 +98,9 @@ def engine_shape(config: Config, model: str) -> EngineShape:
         gpu=gpu,
         max_inputs=settings.max_inputs or DEFAULT_MAX_INPUTS,
         # Modal accepts 2..3600 s.
-        scaledown_seconds=int(min(max(settings.idle_seconds or config.gateway.idle_seconds, 2), 3600)),
+        scaledown_seconds=int(
+            min(max(settings.idle_seconds or config.gateway.idle_seconds, 2), 3600)
+        ),
         startup_seconds=int(settings.startup_seconds or config.gateway.startup_seconds),
         max_containers=settings.max_containers,
         memory_snapshot=snapshot,

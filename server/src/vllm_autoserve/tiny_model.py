@@ -36,6 +36,14 @@ from typing import Any
 
 FORMAT = 1
 MARKER = "tiny_model.json"
+FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 HIDDEN = 256
 INTERMEDIATE = 512
 LAYERS = 2
@@ -141,43 +149,47 @@ def _bf16(values: array[float]) -> bytes:
     return bytes(out)
 
 
-def _weights(vocab_size: int, suppressed: set[int], seed: int) -> dict[str, tuple[list[int], bytes]]:
+def _weights(
+    vocab_size: int, suppressed: set[int], seed: int
+) -> dict[str, tuple[list[int], bytes]]:
     """Random Llama weights, with embedding dimension 0 steering the output.
 
     Dimension 0 of every embedding row is +STEER (-STEER for suppressed tokens), and no layer
     writes to that dimension of the residual stream. It dominates the final norm, so with tied
-    embeddings each allowed token's logit is about 60 above any suppressed one, while the
+    embeddings every allowed token's logit is 39 or more above any suppressed one, while the
     allowed tokens stay near-uniform among themselves.
     """
     rng = random.Random(seed)
     bound = INIT_STD * 3**0.5  # uniform(-a, a) has standard deviation a/sqrt(3)
 
-    def rand(rows: int, cols: int, zero_row0: bool = False) -> bytes:
+    def tensor(rows: int, cols: int, fill: str) -> tuple[list[int], bytes]:
+        if fill == "ones":
+            return [rows], _bf16(array("f", [1.0] * rows))
         values = array("f", [rng.uniform(-bound, bound) for _ in range(rows * cols)])
-        if zero_row0:
+        if fill == "row0-zero":  # this matrix writes nothing to residual dimension 0
             values[0:cols] = array("f", [0.0] * cols)
-        return _bf16(values)
+        return [rows, cols], _bf16(values)
 
-    def ones(n: int) -> bytes:
-        return _bf16(array("f", [1.0] * n))
-
+    kv = KV_HEADS * HEAD_DIM
+    layer = (  # (name, rows, cols, fill), in the order the random numbers are drawn
+        ("input_layernorm", HIDDEN, 0, "ones"),
+        ("self_attn.q_proj", HIDDEN, HIDDEN, "random"),
+        ("self_attn.k_proj", kv, HIDDEN, "random"),
+        ("self_attn.v_proj", kv, HIDDEN, "random"),
+        ("self_attn.o_proj", HIDDEN, HIDDEN, "row0-zero"),
+        ("post_attention_layernorm", HIDDEN, 0, "ones"),
+        ("mlp.gate_proj", INTERMEDIATE, HIDDEN, "random"),
+        ("mlp.up_proj", INTERMEDIATE, HIDDEN, "random"),
+        ("mlp.down_proj", HIDDEN, INTERMEDIATE, "row0-zero"),
+    )
     embed = array("f", [rng.uniform(-bound, bound) for _ in range(vocab_size * HIDDEN)])
     for token_id in range(vocab_size):
         embed[token_id * HIDDEN] = -STEER if token_id in suppressed else STEER
     tensors = {"model.embed_tokens.weight": ([vocab_size, HIDDEN], _bf16(embed))}
-    kv = KV_HEADS * HEAD_DIM
     for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = ([HIDDEN], ones(HIDDEN))
-        tensors[p + "self_attn.q_proj.weight"] = ([HIDDEN, HIDDEN], rand(HIDDEN, HIDDEN))
-        tensors[p + "self_attn.k_proj.weight"] = ([kv, HIDDEN], rand(kv, HIDDEN))
-        tensors[p + "self_attn.v_proj.weight"] = ([kv, HIDDEN], rand(kv, HIDDEN))
-        tensors[p + "self_attn.o_proj.weight"] = ([HIDDEN, HIDDEN], rand(HIDDEN, HIDDEN, True))
-        tensors[p + "post_attention_layernorm.weight"] = ([HIDDEN], ones(HIDDEN))
-        tensors[p + "mlp.gate_proj.weight"] = ([INTERMEDIATE, HIDDEN], rand(INTERMEDIATE, HIDDEN))
-        tensors[p + "mlp.up_proj.weight"] = ([INTERMEDIATE, HIDDEN], rand(INTERMEDIATE, HIDDEN))
-        tensors[p + "mlp.down_proj.weight"] = ([HIDDEN, INTERMEDIATE], rand(HIDDEN, INTERMEDIATE, True))
-    tensors["model.norm.weight"] = ([HIDDEN], ones(HIDDEN))
+        for name, rows, cols, fill in layer:
+            tensors[f"model.layers.{i}.{name}.weight"] = tensor(rows, cols, fill)
+    tensors["model.norm.weight"] = tensor(HIDDEN, 0, "ones")
     return tensors
 
 
@@ -186,7 +198,11 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[list[int], bytes]]) 
     offset = 0
     for name in sorted(tensors):
         shape, data = tensors[name]
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": "BF16",
+            "shape": shape,
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -264,7 +280,16 @@ def _is_current(path: Path, seed: int) -> bool:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker == {"format": FORMAT, "seed": seed}
+    current = marker == {"format": FORMAT, "seed": seed}
+    return current and all((path / name).is_file() for name in FILES)
+
+
+def _load_tokenizers() -> Any | None:
+    """The ``tokenizers`` module, or None where it is not installed."""
+    try:
+        return importlib.import_module("tokenizers")
+    except ImportError:
+        return None
 
 
 def _in_engine_python(path: Path, seed: int) -> Path:
@@ -280,7 +305,8 @@ def _in_engine_python(path: Path, seed: int) -> Path:
             "writing the tiny model needs the `tokenizers` package: "
             "pip install 'vllm-autoserve[tiny-model]' (or install the CPU engine first)"
         )
-    argv = [str(python), str(Path(__file__).resolve()), str(path), "--seed", str(seed)]
+    # -I: the script's own folder (the package's) must not shadow the engine's modules.
+    argv = [str(python), "-I", str(Path(__file__).resolve()), str(path), "--seed", str(seed)]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise TinyModelError(f"{' '.join(argv)} failed:\n{result.stderr[-2000:]}")
@@ -297,11 +323,14 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
     path = Path(path).expanduser().absolute()
     if _is_current(path, seed):
         return path
+    if path.exists() and not path.is_dir():
+        raise TinyModelError(f"{path} exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
-        raise TinyModelError(f"{path} is not empty and holds no tiny model: refusing to overwrite it")
-    try:
-        tk = importlib.import_module("tokenizers")
-    except ImportError:
+        raise TinyModelError(
+            f"{path} is not empty and holds no tiny model: refusing to overwrite it"
+        )
+    tk = _load_tokenizers()
+    if tk is None:
         return _in_engine_python(path, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -317,7 +346,9 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a tiny random Llama model that vLLM serves.")
+    parser = argparse.ArgumentParser(
+        description="Write a tiny random Llama model that vLLM serves."
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

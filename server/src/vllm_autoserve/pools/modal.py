@@ -90,7 +90,7 @@ class ModalPool(Pool):
         engine_key: Callable[[], Awaitable[str]],
     ) -> None:
         super().__init__(name, settings, config)
-        self._state = state
+        self._shared = state
         self._handles = engines
         self._engine_key = engine_key
         self._local_stop = False
@@ -107,40 +107,41 @@ class ModalPool(Pool):
         if self.settings.min_containers:
             await self._handles.set_min_containers(self.name, self.settings.min_containers)
         while True:
-            call_id, since = await self._boot_call()
-            if await self._wait_boot(call_id, since):
+            call_id, since, spawned = await self._boot_call()
+            if await self._wait_boot(call_id, since, fresh=spawned):
                 break
             log.info("[%s] the pool scaled to zero since its last boot; booting again", self.name)
             await self._forget(call_id)
         url = (await self._handles.web_url(self.name)).rstrip("/")
         return Upstream(url=url, api_key=key, params=(("model_path", self.name),))
 
-    async def _boot_call(self) -> tuple[str, float]:
-        """The model's boot call: the one in the Dict, or one this replica spawns (once)."""
+    async def _boot_call(self) -> tuple[str, float, bool]:
+        """The model's boot call (id, claim time, spawned here): the one in the Dict, or one
+        this replica spawns (once)."""
         key = boot_key(self.name)
         while True:
-            entry = _entry(await self._state.get(key))
+            entry = _entry(await self._shared.get(key))
             now = time.time()
             if entry is None:
-                if await self._state.put(key, {"call": "", "at": now}, skip_if_exists=True):
+                if await self._shared.put(key, {"call": "", "at": now}, skip_if_exists=True):
                     try:
                         call_id = await self._handles.spawn_boot(self.name)
                     except BaseException:
-                        await self._state.pop(key)
+                        await self._shared.pop(key)
                         raise
-                    await self._state.put(key, {"call": call_id, "at": now})
+                    await self._shared.put(key, {"call": call_id, "at": now})
                     log.info("[%s] spawned boot call %s", self.name, call_id)
-                    return call_id, now
+                    return call_id, now, True
                 continue  # another replica claimed it first: use theirs
             call_id, since = entry
             if call_id:
-                return call_id, since
+                return call_id, since, False
             if now - since > CLAIM_SECONDS:
-                await self._state.pop(key)
+                await self._shared.pop(key)
                 continue
             await asyncio.sleep(POLL_SECONDS)
 
-    async def _wait_boot(self, call_id: str, since: float) -> bool:
+    async def _wait_boot(self, call_id: str, since: float, *, fresh: bool) -> bool:
         """True once the boot call returned and the pool has containers; False if the call is
         stale (result expired, or the pool scaled to zero since); ``EngineFailed`` if it failed."""
         interval = POLL_SECONDS
@@ -157,10 +158,10 @@ class ModalPool(Pool):
             except Exception as exc:
                 raise EngineFailed(f"[{self.name}] engine failed to start: {exc}") from exc
             else:
-                # A call that returned while we watched is fresh; one found finished may be
+                # A call spawned or seen running here is fresh; one found finished may be
                 # from before the pool last scaled to zero.
-                return seen_pending or await self._handles.runners(self.name) > 0
-            failure = await self._state.get(failure_key(self.name))
+                return fresh or seen_pending or await self._handles.runners(self.name) > 0
+            failure = await self._shared.get(failure_key(self.name))
             if isinstance(failure, dict) and float(failure.get("at", 0)) >= since:
                 raise EngineFailed(str(failure.get("error") or f"[{self.name}] engine failed"))
             await asyncio.sleep(interval)
@@ -186,7 +187,7 @@ class ModalPool(Pool):
 
     async def _release(self, *, unpin: bool) -> None:
         try:
-            entry = _entry(await self._state.pop(boot_key(self.name)))
+            entry = _entry(await self._shared.pop(boot_key(self.name)))
             if entry is not None and entry[0]:
                 await self._handles.cancel_boot(entry[0])  # stops a crash-looping start
             if unpin:
@@ -195,9 +196,9 @@ class ModalPool(Pool):
             log.exception("[%s] could not release the Modal pool", self.name)
 
     async def _forget(self, call_id: str) -> None:
-        entry = _entry(await self._state.get(boot_key(self.name)))
+        entry = _entry(await self._shared.get(boot_key(self.name)))
         if entry is not None and entry[0] == call_id:
-            await self._state.pop(boot_key(self.name))
+            await self._shared.pop(boot_key(self.name))
 
 
 class LocalOnlyPool(Pool):

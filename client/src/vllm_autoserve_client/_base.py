@@ -1,0 +1,140 @@
+"""What ``AutoserveClient`` and ``AsyncAutoserveClient`` share, and how they call the gateway.
+
+``AutoserveBase`` holds the settings (default model, ``up_timeout``, ``on_wait``) and the
+ready-state, and hooks the SDK's request building so that the gateway's 503s can be told
+apart: a request that names a model carries it in a request extension, and the SDK is kept
+from retrying ``model_not_ready``/``model_failed`` answers with its own blind backoff.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx2
+from openai import AsyncStream, Stream
+from openai._base_client import BaseClient
+from openai._models import FinalRequestOptions
+from openai._types import RequestOptions
+from typing_extensions import override
+
+from ._errors import AutoserveError, ModelFailedError
+from ._ready import Key, ReadyState
+from ._requests import (
+    MODEL_EXTENSION,
+    MODEL_FAILED,
+    MODEL_NOT_READY,
+    NO_BLIND_RETRY,
+    GatewayError,
+    model_of,
+)
+from ._up import PoolWait, UpAnswer, WaitCallback, parse_retry_after
+
+_HttpxClientT = TypeVar("_HttpxClientT", httpx2.Client, httpx2.AsyncClient)
+_DefaultStreamT = TypeVar("_DefaultStreamT", Stream[Any], AsyncStream[Any])
+
+_UP_SLACK = 30.0
+"""Read timeout of an ``/up`` call beyond the ``wait`` it asks the gateway for."""
+
+
+class AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT]):
+    """What the sync and async clients share: settings, ready-state, request inspection."""
+
+    model: str | None
+    """The default model: requests that name none get this one."""
+    up_timeout: float
+    """Seconds, in all, that a request waits for its model's pool to become healthy."""
+    on_wait: WaitCallback | None
+    """Called as ``on_wait(model, state, elapsed_seconds)`` with every answer of ``/up``."""
+    _ready: ReadyState
+
+    def _init_autoserve(
+        self,
+        model: str | None,
+        up_timeout: float,
+        on_wait: WaitCallback | None,
+        ready: ReadyState | None,
+    ) -> None:
+        self.model = model
+        self.up_timeout = up_timeout
+        self.on_wait = on_wait
+        self._ready = ready if ready is not None else ReadyState()
+
+    def _autoserve_kwargs(
+        self, model: str | None, up_timeout: float | None, on_wait: WaitCallback | None
+    ) -> dict[str, Any]:
+        """The constructor arguments a copy needs; the ready-state is shared, not copied."""
+        return {
+            "model": self.model if model is None else model,
+            "up_timeout": self.up_timeout if up_timeout is None else up_timeout,
+            "on_wait": self.on_wait if on_wait is None else on_wait,
+            "_ready": self._ready,
+        }
+
+    def _ready_key(self, model: str) -> Key:
+        return (str(self.base_url), model)
+
+    def _model_arg(self, model: str | None) -> str:
+        name = model or self.model
+        if not name:
+            raise ValueError("No model: pass one, or give the client a default with model=")
+        return name
+
+    def _pool_wait(self, model: str, timeout: float | None) -> PoolWait:
+        return PoolWait(model, self.up_timeout if timeout is None else timeout, self.on_wait)
+
+    def _noted(self, model: str, answer: dict[str, Any]) -> dict[str, Any]:
+        """An ``/up`` answer, remembered as ready if it says healthy."""
+        if answer.get("status") == "healthy":
+            self._ready.mark_ready(self._ready_key(model))
+        return answer
+
+    def _judge_503(self, request: httpx2.Request, model: str, error: GatewayError) -> None:
+        """Keep the SDK from retrying the gateway's 503s blindly; a failed pool raises."""
+        if error.code in (MODEL_NOT_READY, MODEL_FAILED):
+            request.extensions[NO_BLIND_RETRY] = True
+        if error.code == MODEL_FAILED:
+            self._ready.forget(self._ready_key(model))
+            raise ModelFailedError(model, error.message)
+
+    @override
+    def _build_request(
+        self, options: FinalRequestOptions, *, retries_taken: int = 0
+    ) -> httpx2.Request:
+        request = super()._build_request(options, retries_taken=retries_taken)
+        model = model_of(options)
+        # Multipart bodies may be streams that cannot be sent twice: no transparent retry.
+        if model is not None and options.files is None:
+            request.extensions[MODEL_EXTENSION] = model
+        return request
+
+    @override
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        if response.request.extensions.get(NO_BLIND_RETRY):
+            return False
+        return super()._should_retry(response)
+
+
+def up_body(model: str, wait: float) -> dict[str, Any]:
+    return {"model_path": model, "wait": wait}
+
+
+def up_options(wait: float) -> RequestOptions:
+    # tenacity does the retrying; Modal answers a call past 150 s with a 303 to follow.
+    return {"max_retries": 0, "timeout": wait + _UP_SLACK, "follow_redirects": True}
+
+
+def json_object(response: httpx2.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise AutoserveError(
+            f"{response.request.url} did not answer like a vLLM Autoserve gateway "
+            f"(HTTP {response.status_code}): {response.text[:200]!r}"
+        )
+    return body
+
+
+def up_answer(response: httpx2.Response) -> UpAnswer:
+    return json_object(response), parse_retry_after(response.headers.get("retry-after"))

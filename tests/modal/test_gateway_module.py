@@ -1,0 +1,212 @@
+"""The Modal app as deployed: module attributes and the settings Modal would receive.
+
+There is no Modal emulator, but the module imports and builds its objects without
+credentials. GPU, volumes and secrets are read from each function's spec; timeouts,
+concurrency and autoscaling only exist as the arguments Modal's loader will send
+(``_load``'s closure in modal 1.6.x), which is what ``options`` reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
+from modal._utils.async_utils import synchronizer
+
+from vllm_autoserve.config import parse_config
+from vllm_autoserve.modal_layout import class_for, engine_shape
+
+CONFIG = """
+[gateway]
+hold_seconds = 300
+idle_seconds = 600
+startup_seconds = 900
+min_containers = 1
+
+[defaults]
+gpu = "H100"
+max_inputs = 16
+
+[models."Qwen/Qwen3-Next-80B-A3B-Instruct"]
+gpu = "H200:2"
+tensor_parallel_size = 2
+aliases = ["qwen-next"]
+max_containers = 3
+
+[models."Qwen/Qwen3-8B"]
+memory_snapshot = true
+
+[models."Qwen/Qwen3-0.6B"]
+vllm_args = ["--max-model-len", "8192"]
+
+[models."already-running"]
+url = "http://127.0.0.1:9000"
+
+[models."my-cpu-model"]
+command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--port", "{port}"]
+"""
+BIG = "Qwen/Qwen3-Next-80B-A3B-Instruct"
+
+
+def fresh_import(monkeypatch: pytest.MonkeyPatch, path: Path | None) -> ModuleType:
+    if path is None:
+        monkeypatch.delenv("AUTOSERVE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("AUTOSERVE_CONFIG", str(path))
+    sys.modules.pop("vllm_autoserve.gateway", None)
+    return importlib.import_module("vllm_autoserve.gateway")
+
+
+@pytest.fixture
+def load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[[str | None], ModuleType]]:
+    def _load(text: str | None) -> ModuleType:
+        path = None
+        if text is not None:
+            path = tmp_path / "autoserve.toml"
+            path.write_text(text)
+        return fresh_import(monkeypatch, path)
+
+    yield _load
+    sys.modules.pop("vllm_autoserve.gateway", None)
+
+
+def service_function(obj: Any) -> Any:
+    impl = synchronizer._translate_in(obj)
+    return getattr(impl, "_class_service_function", None) or impl
+
+
+def options(obj: Any) -> dict[str, Any]:
+    """The arguments Modal's loader will send for this function or class."""
+    load = service_function(obj)._load
+    cells = (cell.cell_contents for cell in load.__closure__)
+    return dict(zip(load.__code__.co_freevars, cells, strict=True))
+
+
+def partials(cls: Any) -> dict[str, Any]:
+    return dict(synchronizer._translate_in(cls)._method_partials)
+
+
+def lifecycle(cls: Any) -> dict[str, str]:
+    """Lifecycle hooks of a class: method name -> "enter" / "enter(snap=True)" / "exit"."""
+    user_cls = synchronizer._translate_in(cls)._user_cls
+    kinds = {
+        "enter": _PartialFunctionFlags.ENTER_POST_SNAPSHOT,
+        "enter(snap=True)": _PartialFunctionFlags.ENTER_PRE_SNAPSHOT,
+        "exit": _PartialFunctionFlags.EXIT,
+    }
+    return {
+        name: kind
+        for kind, flag in kinds.items()
+        for name in _find_partial_methods_for_user_cls(user_cls, flag)
+    }
+
+
+def test_imports_without_configuration(load: Callable[[str | None], ModuleType]) -> None:
+    gateway = load(None)
+    assert gateway.app.name == "vllm-autoserve"
+    assert list(gateway.ENGINE_CLASSES) == ["Engine"]
+    assert gateway.Engine is gateway.ENGINE_CLASSES["Engine"]
+    assert options(gateway.Engine)["gpu"] == "H100"
+    assert gateway.GATEWAY_CONFIG.gateway.hold_seconds == 120
+
+
+def test_one_engine_class_per_shape(load: Callable[[str | None], ModuleType]) -> None:
+    gateway = load(CONFIG)
+    config = gateway.CONFIG
+    big, snap = class_for(config, BIG), class_for(config, "Qwen/Qwen3-8B")
+    assert set(gateway.ENGINE_CLASSES) == {"Engine", big, snap}
+    assert big.startswith("Engine_H200x2_") and snap.startswith("Engine_H100_")
+    # The 0.6B model only changes vLLM's arguments: it shares the default class.
+    assert class_for(config, "Qwen/Qwen3-0.6B") == "Engine"
+    assert class_for(config, "someone/unlisted") == "Engine"
+    for name, cls in gateway.ENGINE_CLASSES.items():
+        assert getattr(gateway, name) is cls  # how Modal finds it in the container
+        assert synchronizer._translate_in(cls)._user_cls.__qualname__ == name
+
+
+def test_engine_class_settings(load: Callable[[str | None], ModuleType]) -> None:
+    gateway = load(CONFIG)
+    cls = getattr(gateway, class_for(gateway.CONFIG, BIG))
+    spec = service_function(cls)._spec
+    assert spec.gpus == "H200:2"
+    assert {str(path): repr(vol) for path, vol in spec.volumes.items()} == {
+        "/root/.cache/huggingface": "modal.Volume.from_name('huggingface-cache')",
+        "/root/.cache/vllm": "modal.Volume.from_name('vllm-cache')",
+    }
+    assert [repr(s) for s in spec.secrets] == ["modal.Secret.from_name('autoserve-hf-secret')"]
+    opts = options(cls)
+    assert opts["scaledown_window"] == 600
+    assert opts["startup_timeout"] == 900
+    assert opts["timeout"] == 60 * 60
+    assert opts["max_concurrent_inputs"] == 16
+    assert opts["max_containers"] == 3
+    assert opts["min_containers"] is None  # warm pinning is per model, at /up (update_autoscaler)
+    assert opts["enable_memory_snapshot"] is False
+
+    methods = partials(cls)
+    assert set(methods) == {"serve", "boot"}
+    assert lifecycle(cls) == {"start": "enter", "stop": "exit"}
+    web = methods["serve"].params.webhook_config
+    assert (web.web_server_port, web.web_server_startup_timeout) == (8000, 900)
+    obj = cls(model_path=BIG)  # a parametrized instance: one pool per model
+    assert obj is not None
+
+
+def test_memory_snapshot_class(load: Callable[[str | None], ModuleType]) -> None:
+    gateway = load(CONFIG)
+    cls = getattr(gateway, class_for(gateway.CONFIG, "Qwen/Qwen3-8B"))
+    opts = options(cls)
+    assert opts["enable_memory_snapshot"] is True
+    assert opts["experimental_options"] == {"enable_gpu_snapshot": "True"}
+    assert lifecycle(cls) == {"start": "enter(snap=True)", "wake": "enter", "stop": "exit"}
+
+
+def test_memory_snapshots_are_off_for_multi_gpu_models() -> None:
+    config = parse_config(
+        {"defaults": {"memory_snapshot": True}, "models": {BIG: {"gpu": "H200:2"}}}
+    )
+    assert engine_shape(config, BIG).memory_snapshot is False
+    assert engine_shape(config, "other/model").memory_snapshot is True
+
+
+def test_gateway_function_settings(
+    load: Callable[[str | None], ModuleType], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        gateway = load(CONFIG)
+    assert gateway.GATEWAY_CONFIG.gateway.hold_seconds == 140  # clamped under Modal's 150 s
+    assert "hold_seconds = 300" in caplog.text
+    spec = service_function(gateway.gateway)._spec
+    assert [repr(s) for s in spec.secrets] == ["modal.Secret.from_name('vllm-gateway-auth')"]
+    assert spec.gpus is None
+    opts = options(gateway.gateway)
+    assert opts["webhook_config"].requested_suffix == "gateway"
+    assert opts["min_containers"] == 1
+    assert opts["max_concurrent_inputs"] == 500
+    assert opts["timeout"] == 60 * 60
+
+
+def test_gateway_body_builds_the_app_over_modal_pools(
+    load: Callable[[str | None], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_autoserve.app import GatewayApp
+    from vllm_autoserve.modal_handles import LiveDict, LiveEngines
+    from vllm_autoserve.pools.modal import ModalPools
+
+    gateway = load(CONFIG)
+    monkeypatch.setenv("VLLM_GATEWAY_AUTH", "k1,k2")
+    asgi = gateway.gateway.local()  # the factory's body; nothing is sent to Modal yet
+    assert isinstance(asgi, GatewayApp)
+    assert isinstance(asgi.pools, ModalPools)
+    assert isinstance(asgi.pools.state, LiveDict)
+    assert isinstance(asgi.pools.engines, LiveEngines)
+    assert asgi.config.gateway.hold_seconds == 140
