@@ -118,9 +118,11 @@ class Run:
         self.procs.append(gateway)
         self.targets["gateway"] = (gateway.url, gateway.key)
         self.proxies["gateway"] = gateway
-        if args.compare_src:
+        if args.compare_src or args.compare_log_level:
             other = start_gateway(
-                self.workdir, self.upstream.url, name="gateway-b", src=args.compare_src
+                self.workdir, self.upstream.url, name="gateway-b",
+                src=args.compare_src or args.gateway_src,
+                log_level=args.compare_log_level or "info",
             )
             self.procs.append(other)
             self.targets["gateway-b"] = (other.url, other.key)
@@ -239,6 +241,7 @@ class Run:
         duration = 3 if self.quick else 5
         conns = 64
         rps: dict[str, list[float]] = defaultdict(list)
+        cpu_us: dict[str, list[float]] = defaultdict(list)
         errors: dict[str, int] = defaultdict(int)
         order = list(self.targets)
         rng = random.Random(7)
@@ -249,24 +252,49 @@ class Run:
         for r in range(rounds):
             rng.shuffle(order)
             for target in order:
+                proc = self.proxies.get(target, self.upstream if target == "direct" else None)
+                cpu_before = self._cpu(proc)
                 if wrk is None:
                     result = self.latency(
                         target, model="bench", concurrency=conns, count=200000,
                         seconds=duration,
                     )
-                    rps[target].append(result["n"] / result["wall"])
+                    value, done = result["n"] / result["wall"], result["n"]
                     errors[target] += result["errors"]
                 else:
-                    value, errs = self._wrk(wrk, target, conns, duration)
-                    rps[target].append(value)
+                    value, errs, done = self._wrk(wrk, target, conns, duration)
                     errors[target] += errs
+                rps[target].append(value)
+                if proc is not None and done:
+                    cpu_us[target].append((self._cpu(proc) - cpu_before) / done * 1e6)
             self.log(f"saturation: round {r + 1}/{rounds} done")
         self.results["saturation"] = {
-            t: {"rps": sorted(v)[len(v) // 2], "rounds": v, "errors": errors[t]}
+            t: {
+                "rps": sorted(v)[len(v) // 2],
+                "rounds": v,
+                "errors": errors[t],
+                "cpu_us": sorted(cpu_us[t])[len(cpu_us[t]) // 2] if cpu_us[t] else float("nan"),
+                "cpu_us_rounds": cpu_us[t],
+            }
             for t, v in rps.items()
         }
 
-    def _wrk(self, wrk: str, target: str, conns: int, duration: int) -> tuple[float, int]:
+    @staticmethod
+    def _cpu(proc: Proc | None) -> float:
+        """User + system CPU seconds of a process and its children (nginx's worker)."""
+        if proc is None:
+            return 0.0
+        total = 0.0
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(proc.pid)
+            for q in (p, *p.children(recursive=True)):
+                t = q.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def _wrk(
+        self, wrk: str, target: str, conns: int, duration: int
+    ) -> tuple[float, int, int]:
         url, key = self.targets[target]
         script = self.workdir / f"wrk-{target}.lua"
         body = json.dumps(
@@ -286,11 +314,16 @@ class Run:
             capture_output=True, text=True, timeout=duration + 60, check=False,
         ).stdout
         found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        total = re.search(r"(\d+) requests in", out)
         errs = 0
         for pattern in (r"Non-2xx or 3xx responses:\s+(\d+)", r"Socket errors:.*?(\d+)"):
             m = re.search(pattern, out)
             errs += int(m.group(1)) if m else 0
-        return (float(found.group(1)) if found else float("nan")), errs
+        return (
+            float(found.group(1)) if found else float("nan"),
+            errs,
+            int(total.group(1)) if total else 0,
+        )
 
     def scenario_memory(self) -> None:
         count = self.args.streams
@@ -568,9 +601,10 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
     # saturation + memory
     sat, mem = res.get("saturation", {}), res.get("memory", {})
     w("### Saturation and memory\n")
-    w("| target | req/s at saturation (median of rounds) | rounds | errors | RSS idle MiB "
+    w("| target | req/s at saturation (median of rounds) | rounds | CPU µs per request "
+      "| errors | RSS idle MiB "
       "| RSS with streams open MiB | streams open | KiB per open stream | RSS after close MiB |")
-    w("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    w("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for t in names:
         s = sat.get(t, {})
         mm = mem.get(t, {})
@@ -583,7 +617,8 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
             memcols = f"error: {mm['error']} | | | |"
         else:
             memcols = "— | — | — | — | —"
-        w(f"| {t} | {s.get('rps', float('nan')):.0f} | {rounds} | {s.get('errors', 0)} "
+        w(f"| {t} | {s.get('rps', float('nan')):.0f} | {rounds} "
+          f"| {s.get('cpu_us', float('nan')):.0f} | {s.get('errors', 0)} "
           f"| {memcols} |")
     w("")
 
@@ -701,6 +736,8 @@ def main() -> int:
                         help="server/src of another checkout to run as the gateway")
     parser.add_argument("--compare-src", default=None,
                         help="also run a second gateway from this server/src ('gateway-b')")
+    parser.add_argument("--compare-log-level", default=None,
+                        help="run 'gateway-b' with this --log-level (warning: no access log)")
     parser.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` script")
     parser.add_argument("--py-spy", default=None, help="path of py-spy")
     parser.add_argument("--out", default=str(RESULTS), help="markdown file to write")

@@ -74,6 +74,7 @@ def test_chat_streams_tokens(gateway: FakeGateway, capsys: pytest.CaptureFixture
     assert out == "tok0 tok1 tok2 \n"
     body = gateway.bodies("/v1/chat/completions")[0]
     assert body["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert "max_tokens" not in body
     assert body["stream"] is True
 
 

@@ -31,7 +31,7 @@ def test_a_cold_model_is_waited_for_once_then_requests_go_straight_through(
     client = make_client(model="m")
     started = time.monotonic()
     chat(client)
-    assert 0.5 <= time.monotonic() - started < 1.5
+    assert 0.5 <= time.monotonic() - started < 3
     chat(client)
     assert gateway.paths() == ["/v1/up", "/v1/up", "/v1/chat/completions", "/v1/chat/completions"]
     first, second = gateway.bodies("/v1/up")
@@ -80,11 +80,11 @@ def test_running_out_of_up_timeout_raises_model_start_timeout(
     started = time.monotonic()
     with pytest.raises(ModelStartTimeout) as info:
         chat(client)
-    assert 0.8 <= time.monotonic() - started < 2.0
+    assert 0.8 <= time.monotonic() - started < 4
     assert not isinstance(info.value, ModelFailedError)
     assert info.value.model == "m"
     assert info.value.state == "starting"
-    assert 0.8 <= info.value.waited < 2.0
+    assert 0.8 <= info.value.waited < 4
     assert "[m] not healthy after waiting" in str(info.value)
     assert gateway.count("/v1/chat/completions") == 0
 
@@ -154,7 +154,7 @@ def test_on_wait_and_logging_report_the_wait(
     with caplog.at_level(logging.INFO, logger="vllm_autoserve_client"):
         chat(client)
     assert [(m, s) for m, s, _ in seen] == [("m", "starting"), ("m", "healthy")]
-    assert seen[0][2] < 0.2 and seen[1][2] >= 0.3
+    assert seen[0][2] < 0.5 and seen[1][2] >= 0.3
     messages = [r.getMessage() for r in caplog.records if r.name == "vllm_autoserve_client"]
     assert messages[0].startswith("[m] waiting for the pool: starting")
     assert messages[-1].startswith("[m] pool healthy after")

@@ -45,4 +45,4 @@ def vllm_gateway(tiny_model: Path) -> Iterator[Gateway]:
     )
     with running_gateway(config, env={"PYTHONUNBUFFERED": "1"}) as gateway:
         yield gateway
-    os.environ.get("CI") and print(gateway.log()[-4000:])  # noqa: B018
+    os.environ.get("CI") and print(gateway.log()[-4000:])

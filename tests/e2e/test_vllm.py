@@ -122,7 +122,7 @@ def test_engine_killed_mid_stream_is_an_error_and_the_next_request_is_served(
 
     killer = threading.Thread(target=kill_soon)
     killer.start()
-    with pytest.raises((openai.APIError, httpx.HTTPError)):  # noqa: PT012
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
         stream = client.chat.completions.create(
             messages=MESSAGES, max_tokens=4000, stream=True, # type: ignore[arg-type]
             extra_body={"ignore_eos": True},

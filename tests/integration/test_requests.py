@@ -202,3 +202,11 @@ def test_streams_pass_through_byte_for_byte_and_chunk_by_chunk(direct_engine) ->
     # 8 chunks 0.25 s apart: the first must arrive long before the last (no buffering).
     assert len(arrivals) >= 6
     assert arrivals[-1][0] - arrivals[0][0] > 1.0
+
+
+def test_modal_style_303_from_the_upstream_is_followed_not_passed_on() -> None:
+    cfg = fake_model("slow-call", "--modal-redirect")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        response = c.post("/v1/chat/completions", json={"model": "slow-call", **CHAT})
+        assert response.status_code == 200
+        assert response.json()["id"] == "cmpl-redirected"

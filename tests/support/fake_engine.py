@@ -95,8 +95,13 @@ class Engine:
         if denied:
             return denied
         self.count()
+        if request.method == "GET":  # the redirected call of --modal-redirect
+            return web.json_response({"id": "cmpl-redirected", "object": "chat.completion",
+                                      "model": "fake", "choices": [], "usage": None})
         body = await request.json()
         model = body.get("model", "")
+        if self.args.modal_redirect:
+            raise web.HTTPSeeOther(request.path + "?__modal_function_call_id=fc-123")
         if self.args.garbage or self.args.close_early:
             return await self.misbehave(request)
         if int(body.get("max_tokens") or 0) > 100_000:
@@ -213,6 +218,8 @@ def main() -> None:
     parser.add_argument("--garbage", action="store_true", help="answer with bytes that are not HTTP")
     parser.add_argument("--close-early", action="store_true",
                         help="promise a body, send half of it, close the connection")
+    parser.add_argument("--modal-redirect", action="store_true",
+                        help="answer POSTs like a Modal web call past 150 s: 303 to a GET")
     parser.add_argument("--pad", type=int, default=0, help="bytes of padding in every chunk")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
@@ -243,6 +250,7 @@ def main() -> None:
     app.router.add_get("/stats", engine.stats)
     app.router.add_get("/v1/models", engine.models)
     app.router.add_post("/v1/chat/completions", engine.completions)
+    app.router.add_get("/v1/chat/completions", engine.completions)
     app.router.add_post("/v1/completions", engine.completions)
     app.router.add_post("/v1/embeddings", engine.embeddings)
     print("fake engine ready", flush=True)

@@ -27,6 +27,7 @@ from openai import (
     APITimeoutError,
     AuthenticationError,
     OpenAIError,
+    omit,
 )
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -159,7 +160,7 @@ def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
     stream = client.chat.completions.create(
         model=args.model,
         messages=[{"role": "user", "content": args.prompt}],
-        max_tokens=args.max_tokens,
+        max_tokens=omit if args.max_tokens is None else args.max_tokens,
         stream=True,
     )
     for chunk in stream:
@@ -174,7 +175,7 @@ def _client(args: argparse.Namespace, **kwargs: Any) -> AutoserveClient:
     return AutoserveClient(
         base_url=args.base_url,
         api_key=args.api_key,
-        up_timeout=args.timeout or DEFAULT_UP_TIMEOUT,
+        up_timeout=DEFAULT_UP_TIMEOUT if args.timeout is None else args.timeout,
         **kwargs,
     )
 

@@ -58,6 +58,9 @@ _RESPONSE_DROP = frozenset(
     }
 )
 
+_MODAL_CALL_PARAM = "__modal_function_call_id"
+_MAX_MODAL_REDIRECTS = 20  # 20 × 150 s: longer than any generation should take
+
 
 @dataclass
 class Forwarded:
@@ -123,13 +126,7 @@ class Proxy:
             out_headers.append(("Authorization", f"Bearer {upstream.api_key}"))
         result = Forwarded()
         try:
-            response = await self.session.request(
-                method,
-                URL(url, encoded=True),
-                data=body,
-                headers=out_headers,
-                allow_redirects=False,
-            )
+            response = await self._request(method, URL(url, encoded=True), body, out_headers)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"upstream did not answer: {exc or type(exc).__name__}"
@@ -144,6 +141,25 @@ class Proxy:
             if result.stream:
                 metrics.OPEN_STREAMS.labels(label).dec()
         return result
+
+    async def _request(
+        self, method: str, url: URL, body: bytes, headers: list[tuple[str, str]]
+    ) -> aiohttp.ClientResponse:
+        """One upstream request; follows Modal's own 303s (a web call past 150 s is answered
+        with a redirect to the same URL plus ``__modal_function_call_id``), nothing else."""
+        for _ in range(_MAX_MODAL_REDIRECTS):
+            response = await self.session.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            )
+            location = response.headers.get("Location", "")
+            if response.status != 303 or _MODAL_CALL_PARAM not in location:
+                return response
+            target = url.join(URL(location, encoded=True))
+            if target.origin() != url.origin():
+                return response
+            response.release()
+            method, url, body = "GET", target, b""
+        return response
 
     async def _relay(
         self,

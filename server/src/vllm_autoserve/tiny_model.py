@@ -4,7 +4,7 @@
 
 It is what end-to-end tests and CPU-only trials run: a byte-level BPE tokenizer trained on
 the paragraphs below, a ChatML chat template, a 2-layer Llama (hidden 256, 4 heads, 2 KV heads,
-8192 positions) with random bf16 weights in safetensors (about 3.5 MB), and a
+8192 positions) with random bf16 weights in safetensors (about 2.8 MB), and a
 generation_config. The same seed gives the same files, byte for byte.
 
 Two properties make it convenient to test against: it never ends a reply by itself (its
@@ -15,8 +15,8 @@ tokens is N non-empty deltas.
 
 Only ``tokenizers`` is needed (weights and config are written with the standard library):
 ``pip install 'vllm-autoserve[tiny-model]'``. Without it, ``write_tiny_model`` runs this file
-with the CPU engine's python, which has it. The file imports nothing from its package, so it
-can be copied and run anywhere.
+with the CPU engine's python, which has it. Apart from that fallback the file uses nothing
+from its package, so it can be copied and run anywhere.
 """
 
 from __future__ import annotations
