@@ -22,7 +22,8 @@ from .config import Config
 from .control import create_control_app
 from .errors import GatewayError, Unauthorized
 from .inbound import ClientGone, model_of, read_body
-from .pools.base import Pool, Pools, PoolState, Upstream
+from .pools.base import Pool, PoolState, Upstream
+from .pools.registry import Pools
 from .proxy import Forwarded, Proxy
 
 access_log = logging.getLogger("vllm_autoserve.access")

@@ -1,10 +1,11 @@
 """The configuration reference in docs/, rendered from the pydantic models so it cannot drift.
 
-    python -m vllm_autoserve.config_reference > reference.md
+python -m vllm_autoserve.config_reference > reference.md
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -67,7 +68,7 @@ def _attribute_doc(model: type[BaseModel], name: str) -> str:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for current, following in zip(body, body[1:], strict=False):
+        for current, following in itertools.pairwise(body):
             target = getattr(current, "target", None)
             if isinstance(target, ast.Name) and target.id == name:
                 if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
@@ -78,17 +79,19 @@ def _attribute_doc(model: type[BaseModel], name: str) -> str:
 
 def render() -> str:
     model_only = frozenset(ModelConfig.model_fields) - frozenset(ModelSettings.model_fields)
-    return "\n\n".join([
-        BEGIN,
-        "### `[gateway]`",
-        _table(GatewaySettings),
-        "### `[defaults]` and `[models.\"NAME\"]`",
-        "Every model inherits these from `[defaults]` and may override them.",
-        _table(ModelSettings),
-        "### Only in `[models.\"NAME\"]`",
-        _table(ModelConfig, skip=frozenset(ModelConfig.model_fields) - model_only),
-        END,
-    ])
+    return "\n\n".join(
+        [
+            BEGIN,
+            "### `[gateway]`",
+            _table(GatewaySettings),
+            '### `[defaults]` and `[models."NAME"]`',
+            "Every model inherits these from `[defaults]` and may override them.",
+            _table(ModelSettings),
+            '### Only in `[models."NAME"]`',
+            _table(ModelConfig, skip=frozenset(ModelConfig.model_fields) - model_only),
+            END,
+        ]
+    )
 
 
 if __name__ == "__main__":

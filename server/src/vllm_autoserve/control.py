@@ -23,7 +23,8 @@ from .errors import (
     ModelNotFound,
     NotFound,
 )
-from .pools.base import Pools, PoolState
+from .pools.registry import Pools
+from .pools.status import PoolState
 
 _MODAL_SAFE_WAIT = 140.0  # stay under a web request's 150 s limit on Modal
 

@@ -43,10 +43,12 @@ def cpu_demo_config() -> Config:
     install_cpu_engine(on_progress=lambda line: print(f"  {line}", flush=True))
     model_dir = write_tiny_model(demo_home() / "tiny-model")
     command = cpu_engine_command(str(model_dir), "{port}", "{model}")
-    return parse_config({
-        "gateway": {"idle_seconds": 600},
-        "models": {DEMO_MODEL: {"command": command, "env": cpu_engine_env()}},
-    })
+    return parse_config(
+        {
+            "gateway": {"idle_seconds": 600},
+            "models": {DEMO_MODEL: {"command": command, "env": cpu_engine_env()}},
+        }
+    )
 
 
 def gpu_demo_config() -> tuple[Config, str]:
@@ -98,8 +100,10 @@ def _warm_up(base: str, key: str, model: str) -> None:
             except httpx.HTTPError:
                 return
             if status.get("status") == "healthy":
-                print(f"Engine for {model!r} is ready ({time.monotonic() - started:.0f} s).",
-                      flush=True)
+                print(
+                    f"Engine for {model!r} is ready ({time.monotonic() - started:.0f} s).",
+                    flush=True,
+                )
                 return
             if status.get("status") == "failed":
                 print(f"Engine for {model!r} failed:\n{status.get('error')}", flush=True)
@@ -110,8 +114,10 @@ def run_demo(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "inf
     from .cli import _port_taken, serve
 
     if _port_taken(host, port):
-        print(f"vllm-autoserve: {host}:{port} is already in use; choose another --port",
-              file=sys.stderr)
+        print(
+            f"vllm-autoserve: {host}:{port} is already in use; choose another --port",
+            file=sys.stderr,
+        )
         return 1
     if _has_gpu_vllm():
         config, model = gpu_demo_config()

@@ -59,7 +59,7 @@ _RESPONSE_DROP = frozenset(
 )
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
-_MAX_MODAL_REDIRECTS = 20  # 20 × 150 s: longer than any generation should take
+_MAX_MODAL_REDIRECTS = 20  # 20 x 150 s: longer than any generation should take
 
 
 @dataclass

@@ -20,24 +20,16 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
 
 from .. import metrics
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..errors import ModelFailed, ModelNotReady
+from .status import PoolState, PoolStatus, Upstream
+
+__all__ = ["EngineFailed", "IllegalTransition", "Pool", "PoolState", "PoolStatus", "Upstream"]
 
 log = logging.getLogger("vllm_autoserve.pools")
-
-
-class PoolState(StrEnum):
-    COLD = "cold"
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    STOPPING = "stopping"
-    FAILED = "failed"
 
 
 _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
@@ -51,56 +43,6 @@ _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
 
 class IllegalTransition(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where a healthy pool's requests go."""
-
-    url: str
-    """Base URL without a trailing slash; the request's path is appended."""
-    api_key: str | None = None
-    """Sent upstream as ``Authorization: Bearer``; never the gateway's own key."""
-    params: tuple[tuple[str, str], ...] = ()
-    """Query parameters added to every request (Modal routes by ``?model_path=``)."""
-
-
-@dataclass
-class PoolStatus:
-    model: str
-    state: PoolState
-    since: float
-    last_request: float | None
-    in_flight: int
-    engines: int
-    gpus: list[int] = field(default_factory=list)
-    error: str | None = None
-    aliases: list[str] = field(default_factory=list)
-    backend: str = "local"
-
-    @property
-    def up_status(self) -> str:
-        """The three-valued status of the ``/up`` contract."""
-        if self.state is PoolState.HEALTHY:
-            return "healthy"
-        if self.state is PoolState.FAILED:
-            return "failed"
-        return "pending"
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "status": self.up_status,
-            "state": self.state.value,
-            "since": self.since,
-            "last_request": self.last_request,
-            "in_flight": self.in_flight,
-            "engines": self.engines,
-            "gpus": self.gpus,
-            "error": self.error,
-            "aliases": self.aliases,
-            "backend": self.backend,
-        }
 
 
 class Pool(ABC):
@@ -346,106 +288,3 @@ class Pool(ABC):
             aliases=self.config.aliases_of(self.name),
             backend=self.backend,
         )
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One row of ``/v1/models``."""
-
-    id: str
-    root: str
-    created: int
-
-
-class Pools(ABC):
-    """Every model's pool, created on first use; the interface ``create_app`` needs."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._pools: dict[str, Pool] = {}
-        self._reaper: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[PoolStatus]] = set()
-        self._created = int(time.time())
-
-    @abstractmethod
-    def _create(self, name: str, settings: ModelConfig) -> Pool:
-        """Build the pool for a canonical model name."""
-
-    def resolve(self, requested: str) -> str:
-        """Canonical name of a requested model or alias (raises 400/404 errors)."""
-        return self.config.resolve(requested)
-
-    def get(self, name: str) -> Pool:
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = self._create(name, self.config.model(name))
-        return pool
-
-    def statuses(self) -> list[PoolStatus]:
-        names = list(self.config.models) + [n for n in self._pools if n not in self.config.models]
-        result = []
-        for name in names:
-            pool = self._pools.get(name)
-            if pool is not None:
-                result.append(pool.status())
-            else:
-                result.append(
-                    PoolStatus(
-                        model=name,
-                        state=PoolState.COLD,
-                        since=self._created,
-                        last_request=None,
-                        in_flight=0,
-                        engines=0,
-                        aliases=self.config.aliases_of(name),
-                        backend=self._create_backend_name(name),
-                    )
-                )
-        return result
-
-    def _create_backend_name(self, name: str) -> str:
-        return "static" if self.config.model(name).url else "local"
-
-    def listing(self) -> list[ModelEntry]:
-        """Configured models, their aliases, and any other model with a pool."""
-        entries: list[ModelEntry] = []
-        for name, model in self.config.models.items():
-            entries.append(ModelEntry(id=name, root=name, created=self._created))
-            entries.extend(
-                ModelEntry(id=a, root=name, created=self._created) for a in model.aliases
-            )
-        for name in self._pools:
-            if name not in self.config.models:
-                entries.append(ModelEntry(id=name, root=name, created=self._created))
-        return entries
-
-    async def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap_idle(), name="idle reaper")
-
-    async def close(self) -> None:
-        """Stop every engine this gateway started."""
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        await asyncio.gather(
-            *(pool.down("gateway shutdown") for pool in self._pools.values()),
-            return_exceptions=True,
-        )
-
-    async def _reap_idle(self) -> None:
-        interval = min(1.0, self._smallest_idle() / 4)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for pool in list(self._pools.values()):
-                if pool.idle_due(now):
-                    task = asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
-                    self._background.add(task)
-                    task.add_done_callback(self._background.discard)
-
-    def _smallest_idle(self) -> float:
-        values = [self.config.gateway.idle_seconds]
-        values += [m.idle_seconds for m in self.config.models.values() if m.idle_seconds]
-        values += [self.config.defaults.idle_seconds] if self.config.defaults.idle_seconds else []
-        return max(0.05, min(values))

@@ -14,8 +14,9 @@ import aiohttp
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed, EngineProcess, engine_environment, fill_placeholders, free_port
 from ..engine import vllm_command as build_vllm_command
-from .base import Pool, Pools, PoolState, Upstream
+from .base import Pool, PoolState, Upstream
 from .gpus import GpuHolder, GpuSlots, detect_gpus, gpu_count
+from .registry import Pools
 from .static import StaticPool
 
 ENGINE_HOST = "127.0.0.1"

@@ -33,7 +33,8 @@ import aiohttp
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..modal_layout import StateDict, boot_key, engine_key, failure_key
-from .base import Pool, Pools, PoolStatus, Upstream
+from .base import Pool, PoolStatus, Upstream
+from .registry import Pools
 from .static import StaticPool
 
 log = logging.getLogger("vllm_autoserve.pools.modal")

@@ -1,0 +1,74 @@
+"""What pools report and hand out: states, upstreams, status rows, model list entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class PoolState(StrEnum):
+    COLD = "cold"
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a healthy pool's requests go."""
+
+    url: str
+    """Base URL without a trailing slash; the request's path is appended."""
+    api_key: str | None = None
+    """Sent upstream as ``Authorization: Bearer``; never the gateway's own key."""
+    params: tuple[tuple[str, str], ...] = ()
+    """Query parameters added to every request (Modal routes by ``?model_path=``)."""
+
+
+@dataclass
+class PoolStatus:
+    model: str
+    state: PoolState
+    since: float
+    last_request: float | None
+    in_flight: int
+    engines: int
+    gpus: list[int] = field(default_factory=list)
+    error: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    backend: str = "local"
+
+    @property
+    def up_status(self) -> str:
+        """The three-valued status of the ``/up`` contract."""
+        if self.state is PoolState.HEALTHY:
+            return "healthy"
+        if self.state is PoolState.FAILED:
+            return "failed"
+        return "pending"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "status": self.up_status,
+            "state": self.state.value,
+            "since": self.since,
+            "last_request": self.last_request,
+            "in_flight": self.in_flight,
+            "engines": self.engines,
+            "gpus": self.gpus,
+            "error": self.error,
+            "aliases": self.aliases,
+            "backend": self.backend,
+        }
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of ``/v1/models``."""
+
+    id: str
+    root: str
+    created: int
