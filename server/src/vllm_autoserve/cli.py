@@ -15,6 +15,7 @@ import logging
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .auth import AUTH_ENV, ApiKeys, keys_from_env
 from .config import CONFIG_ENV, Config, load_config
@@ -133,9 +134,13 @@ def _cmd_install_cpu(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import write_tiny_model
+    from .tiny_model import TinyModelError, write_tiny_model
 
-    path = write_tiny_model(args.path, seed=args.seed)
+    try:
+        path = write_tiny_model(Path(args.path), seed=args.seed)
+    except TinyModelError as exc:
+        print(f"vllm-autoserve: {exc}", file=sys.stderr)
+        return 1
     print(f"tiny model written to {path}")
     return 0
 

@@ -8,6 +8,7 @@ import importlib.util
 import secrets
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
@@ -77,7 +78,8 @@ class LocalPool(Pool):
 
             prefix = cpu_engine.cpu_launch_prefix()
             extra_args = [*cpu_engine.cpu_engine_args(), *extra_args]
-            extra_env = cpu_engine.cpu_engine_env()
+            # A local folder needs no hub; a repo id must be downloaded.
+            extra_env = cpu_engine.cpu_engine_env(offline=Path(self.name).is_dir())
         argv = build_vllm_command(
             python=python,
             model=self.name,
