@@ -136,10 +136,12 @@ class GatewayApp:
             watcher = asyncio.create_task(_watch_disconnect(receive, client_gone))
             try:
                 held_from = time.perf_counter()
-                upstream = await self._hold(pool, client_gone)
-                held = time.perf_counter() - held_from
-                if held > 0.001:
-                    metrics.HELD_SECONDS.labels(model).observe(held)
+                try:
+                    upstream = await self._hold(pool, client_gone)
+                finally:
+                    held = time.perf_counter() - held_from
+                    if held > 0.001:
+                        metrics.HELD_SECONDS.labels(model).observe(held)
                 if upstream is None:
                     outcome.client_gone = True
                     return

@@ -80,6 +80,12 @@ ENGINE_STARTS = Counter(
     ["model"],
     registry=REGISTRY,
 )
+ENGINE_RESTARTS = Counter(
+    "autoserve_engine_restarts_total",
+    "Starts of a model whose previous engine had failed.",
+    ["model"],
+    registry=REGISTRY,
+)
 ENGINE_FAILURES = Counter(
     "autoserve_engine_failures_total",
     "Engines that failed to start or died.",

@@ -144,6 +144,8 @@ class Pool(ABC):
         if self._state is PoolState.COLD or (
             self._state is PoolState.FAILED and self._cooldown_left() == 0
         ):
+            if self._state is PoolState.FAILED:
+                metrics.ENGINE_RESTARTS.labels(self.name).inc()
             self._move(PoolState.STARTING, reason=reason)
             self._last_activity = time.monotonic()
             self._start_task = asyncio.create_task(self._run_start(), name=f"start {self.name}")

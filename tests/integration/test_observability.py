@@ -1,0 +1,63 @@
+"""What operators see: Prometheus metrics, access and state-change log lines, status fields."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from tests.support.gateway import fake_model, running_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{re.escape(name)}{{{re.escape(wanted)}}} ([0-9.e+-]+)$", text, re.M)
+    assert found, f"{name}{{{wanted}}} not in metrics"
+    return float(found.group(1))
+
+
+def test_metrics_logs_and_status_tell_what_happened() -> None:
+    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
+           + fake_model("m", "--startup-delay", "0.5", "--chunks", "3")
+           + fake_model("bad", "--fail-at-start", "ValueError: no such architecture"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "m", "stream": True, **CHAT}) as r:
+            r.read()
+        assert c.post("/v1/chat/completions", json={"model": "bad", **CHAT}).status_code == 503
+        assert c.post("/v1/chat/completions", json={"model": "bad", **CHAT}).status_code == 503
+        c.post("/v1/chat/completions", content=b"{")
+
+        text = c.get("/metrics").text
+        assert metric(text, "autoserve_requests_total",
+                      model="m", route="/v1/chat/completions", status="200") == 2
+        assert metric(text, "autoserve_requests_total",
+                      model="bad", route="/v1/chat/completions", status="503") == 2
+        assert metric(text, "autoserve_request_held_seconds_count", model="m") == 1
+        assert metric(text, "autoserve_request_held_seconds_count", model="bad") == 2
+        assert metric(text, "autoserve_request_held_seconds_sum", model="m") >= 0.5
+        assert metric(text, "autoserve_cold_start_seconds_count", model="m") == 1
+        assert metric(text, "autoserve_pool_state", model="m", state="healthy") == 1
+        assert metric(text, "autoserve_pool_state", model="bad", state="failed") == 1
+        assert metric(text, "autoserve_engine_starts_total", model="bad") == 2
+        assert metric(text, "autoserve_engine_restarts_total", model="bad") == 1
+        assert metric(text, "autoserve_engine_failures_total", model="bad") == 2
+        assert metric(text, "autoserve_gateway_overhead_seconds_count",
+                      route="/v1/chat/completions") == 2
+        assert metric(text, "autoserve_open_streams", model="m") == 0
+
+        status = gw.status()
+        assert status["m"]["last_request"] <= time.time()
+        assert status["m"]["in_flight"] == 0 and status["m"]["engines"] == 1
+        assert "ValueError: no such architecture" in status["bad"]["error"]
+
+        time.sleep(0.2)
+        log = gw.log()
+        assert re.search(r"model=m route=/v1/chat/completions status=200 duration=\S+ "
+                         r"held=(?:0\.[5-9]|[1-9])\S* bytes_out=\d+", log)
+        assert "[m] pool cold -> starting (request)" in log
+        assert "[m] pool starting -> healthy (engine healthy)" in log
+        assert re.search(r"\[bad\] pool starting -> failed \(engine failed\): \[bad\] engine "
+                         r"exited prematurely", log)
