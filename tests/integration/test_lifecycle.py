@@ -162,3 +162,17 @@ def test_aliases_route_to_one_pool_and_models_are_listed() -> None:
         assert chat(c, "a").status_code == 200
         assert engine_starts(c, "org/model-a") == 1
         assert c.get("/v1/models/a").json()["root"] == "org/model-a"
+
+
+def test_up_with_min_containers_pins_the_engine_against_idle_stops_until_down() -> None:
+    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model("warm")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        up = c.post("/up", json={"model_path": "warm", "wait": 10, "min_containers": 1}).json()
+        assert up["status"] == "healthy" and up["pinned"] is True
+        time.sleep(2)
+        assert gw.status()["warm"]["state"] == "healthy"
+        assert c.post("/down", json={"model_path": "warm"}).json()["pinned"] is False
+        assert c.post("/up", json={"model_path": "warm", "wait": 10}).json()["status"] == "healthy"
+        wait_for(lambda: gw.status()["warm"]["state"] == "cold", timeout=10)
+        bad = c.post("/up", json={"model_path": "warm", "min_containers": -1})
+        assert bad.status_code == 400

@@ -209,3 +209,16 @@ async def test_command_models_are_not_started_on_modal() -> None:
     status = await pools.get("local-tool").up(wait=5)
     assert status.up_status == "failed"
     assert "local command" in (status.error or "")
+
+
+async def test_up_with_min_containers_pins_warm_containers_and_down_unpins() -> None:
+    pools, _, engines = make_pools()
+    engines.auto_finish = True
+    pool = pools.get(MODEL)
+    await pool.pin(3)
+    await pool.up(wait=5)
+    assert engines.min_containers == {MODEL: 3}
+    assert pool.status().pinned
+    await pool.down()
+    assert engines.min_containers == {MODEL: 0}
+    assert not pool.status().pinned

@@ -34,6 +34,13 @@ class UpRequest(BaseModel):
 
     model_path: str = Field(description="Model (Hugging Face repo id, configured name or alias).")
     wait: float = Field(0.0, ge=0, description="Long-poll up to this many seconds (capped).")
+    min_containers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Keep this many engines warm until /down (Modal: warm containers; "
+        "locally 1 means the engine is not stopped when idle). 0 unpins.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -45,7 +52,7 @@ class UpRequest(BaseModel):
 
 
 class DownRequest(UpRequest):
-    pass
+    """``/down`` takes the same body; ``wait`` and ``min_containers`` are ignored."""
 
 
 def _error_response(error: GatewayError) -> JSONResponse:
@@ -88,7 +95,10 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
     async def up(request: UpRequest) -> dict[str, Any]:
         """Start a model's pool if needed; with ``wait`` long-poll until healthy or failed."""
         name = pools.resolve(request.model_path)
-        status = await pools.get(name).up(min(request.wait, max_wait()))
+        pool = pools.get(name)
+        if request.min_containers is not None:
+            await pool.pin(request.min_containers)
+        status = await pool.up(min(request.wait, max_wait()))
         return status.as_json()
 
     @app.post("/down")

@@ -65,6 +65,7 @@ class Pool(ABC):
         self._last_request: float | None = None
         self._last_activity = time.monotonic()
         self._starting_since = 0.0
+        self._pinned = False
 
     # -- what subclasses provide ----------------------------------------------------------
 
@@ -250,6 +251,8 @@ class Pool(ABC):
 
     async def down(self, reason: str = "down") -> PoolStatus:
         """Stop the engine (any state); a failed pool is reset to cold."""
+        if reason not in ("idle", "gateway shutdown"):
+            self._pinned = False
         if self._state in (PoolState.STARTING, PoolState.HEALTHY):
             self._move(PoolState.STOPPING, reason=reason)
             task, self._start_task = self._start_task, None
@@ -267,9 +270,15 @@ class Pool(ABC):
             self._move(PoolState.COLD, reason=reason)
         return self.status()
 
+    async def pin(self, count: int) -> None:
+        """Keep ``count`` engines warm whatever the traffic (0 unpins). Locally one engine
+        is all a pool has: pinned, it is never stopped for being idle, only by ``/down``."""
+        self._pinned = count > 0
+
     def idle_due(self, now: float) -> bool:
         return (
-            self._state is PoolState.HEALTHY
+            not self._pinned
+            and self._state is PoolState.HEALTHY
             and self._in_flight == 0
             and now - self._last_activity >= self.idle_seconds
         )
@@ -289,4 +298,5 @@ class Pool(ABC):
             error=self._error,
             aliases=self.config.aliases_of(self.name),
             backend=self.backend,
+            pinned=self._pinned,
         )

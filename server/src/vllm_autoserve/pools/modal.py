@@ -168,6 +168,11 @@ class ModalPool(Pool):
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, POLL_MAX_SECONDS)
 
+    async def pin(self, count: int) -> None:
+        """``/up`` with ``min_containers``: keep that many engine containers warm on Modal."""
+        await super().pin(count)
+        await self._handles.set_min_containers(self.name, count)
+
     # -- stop -----------------------------------------------------------------------------
 
     async def down(self, reason: str = "down") -> PoolStatus:

@@ -39,6 +39,7 @@ class PoolStatus:
     error: str | None = None
     aliases: list[str] = field(default_factory=list)
     backend: str = "local"
+    pinned: bool = False
 
     @property
     def up_status(self) -> str:
@@ -62,6 +63,7 @@ class PoolStatus:
             "error": self.error,
             "aliases": self.aliases,
             "backend": self.backend,
+            "pinned": self.pinned,
         }
 
 
