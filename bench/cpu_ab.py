@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import KEY, Proc, start_gateway, start_upstream  # noqa: E402
+from stack import KEY, Proc, start_gateway, start_upstream
 
 
 def cpu_seconds(proc: Proc) -> float:
@@ -57,8 +57,11 @@ def main() -> int:
             name, _, rest = spec.partition("=")
             src, _, level = rest.partition("@")
             gateways[name] = start_gateway(
-                workdir, upstream.url, name=f"gw-{name}",
-                src=None if src in ("", "-") else src, log_level=level or "info",
+                workdir,
+                upstream.url,
+                name=f"gw-{name}",
+                src=None if src in ("", "-") else src,
+                log_level=level or "info",
             )
             procs.append(gateways[name])
         body = '{"model":"bench","messages":[{"role":"user","content":"Say hello."}]'
@@ -74,9 +77,20 @@ def main() -> int:
         rps: dict[str, list[float]] = {name: [] for name in gateways}
         order = list(gateways)
         for name in order:  # warm-up
-            subprocess.run([wrk, "-t1", "-c16", "-d1s", "-s", str(script),
-                            gateways[name].url + "/v1/chat/completions"],
-                           capture_output=True, timeout=60, check=False)
+            subprocess.run(
+                [
+                    wrk,
+                    "-t1",
+                    "-c16",
+                    "-d1s",
+                    "-s",
+                    str(script),
+                    gateways[name].url + "/v1/chat/completions",
+                ],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
         rng = random.Random(1)
         for _ in range(args.rounds):
             rng.shuffle(order)
@@ -84,9 +98,19 @@ def main() -> int:
                 gw = gateways[name]
                 before = cpu_seconds(gw)
                 out = subprocess.run(
-                    [wrk, "-t1", f"-c{args.connections}", f"-d{args.seconds}s", "-s",
-                     str(script), gw.url + "/v1/chat/completions"],
-                    capture_output=True, text=True, timeout=args.seconds + 60, check=False,
+                    [
+                        wrk,
+                        "-t1",
+                        f"-c{args.connections}",
+                        f"-d{args.seconds}s",
+                        "-s",
+                        str(script),
+                        gw.url + "/v1/chat/completions",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.seconds + 60,
+                    check=False,
                 ).stdout
                 used = cpu_seconds(gw) - before
                 done = re.search(r"(\d+) requests in", out)
@@ -99,13 +123,17 @@ def main() -> int:
                     rps[name].append(float(rate.group(1)) if rate else float("nan"))
         first = next(iter(gateways))
         ref = statistics.median(cpu[first])
-        print(f"{'variant':<12} {'CPU µs/req (median)':>20} {'vs ' + first:>10} "
-              f"{'req/s (median)':>15}  rounds (µs)")
+        print(
+            f"{'variant':<12} {'CPU µs/req (median)':>20} {'vs ' + first:>10} "
+            f"{'req/s (median)':>15}  rounds (µs)"
+        )
         for name in gateways:
             med = statistics.median(cpu[name])
-            print(f"{name:<12} {med:>20.1f} {med / ref - 1:>+10.1%} "
-                  f"{statistics.median(rps[name]):>15.0f}  "
-                  + ", ".join(f"{v:.0f}" for v in cpu[name]))
+            print(
+                f"{name:<12} {med:>20.1f} {med / ref - 1:>+10.1%} "
+                f"{statistics.median(rps[name]):>15.0f}  "
+                + ", ".join(f"{v:.0f}" for v in cpu[name])
+            )
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -42,8 +42,13 @@ async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     await receive()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")],
+        }
+    )
     await send({"type": "http.response.body", "body": BODY})
 
 
@@ -66,7 +71,8 @@ class AiohttpProxy:
         import aiohttp
 
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0),
+            auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
 
@@ -76,7 +82,9 @@ class AiohttpProxy:
             return
         message = await receive()
         async with self.session.request(
-            scope["method"], self.upstream + scope["path"], data=message["body"],
+            scope["method"],
+            self.upstream + scope["path"],
+            data=message["body"],
             headers={"content-type": "application/json"},
         ) as resp:
             headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in (b"date", b"server")]
@@ -158,8 +166,16 @@ def serve(kind: str, port: int) -> None:
     app: Any = {"hello": hello, "aiohttp": AiohttpProxy, "raw": RawProxy}[kind]
     if kind != "hello":
         app = app(upstream)
-    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning",
-                loop="auto", http="auto", lifespan="on" if kind != "hello" else "off")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=False,
+        log_level="warning",
+        loop="auto",
+        http="auto",
+        lifespan="on" if kind != "hello" else "off",
+    )
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -189,8 +205,12 @@ def main() -> int:
         apps = {}
         for kind in ("hello", "aiohttp", "raw"):
             port = free_port()
-            proc = spawn(kind, [sys.executable, __file__, "serve", kind, str(port)], workdir,
-                         {"FLOOR_UPSTREAM": upstream.url})
+            proc = spawn(
+                kind,
+                [sys.executable, __file__, "serve", kind, str(port)],
+                workdir,
+                {"FLOOR_UPSTREAM": upstream.url},
+            )
             proc.url = f"http://127.0.0.1:{port}"
             procs.append(proc)
             deadline = time.monotonic() + 20
@@ -212,16 +232,28 @@ def main() -> int:
                 proc = psutil.Process(apps[kind].pid)
                 before = sum(proc.cpu_times()[:2])
                 out = subprocess.run(
-                    [wrk, "-t1", "-c64", f"-d{args.seconds}s", "-s", str(script),
-                     apps[kind].url + "/v1/chat/completions"],
-                    capture_output=True, text=True, timeout=args.seconds + 60, check=False,
+                    [
+                        wrk,
+                        "-t1",
+                        "-c64",
+                        f"-d{args.seconds}s",
+                        "-s",
+                        str(script),
+                        apps[kind].url + "/v1/chat/completions",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=args.seconds + 60,
+                    check=False,
                 ).stdout
                 done = re.search(r"(\d+) requests in", out)
                 if done and int(done.group(1)):
                     cpu[kind].append((sum(proc.cpu_times()[:2]) - before) / int(done.group(1)))
         for kind, values in cpu.items():
-            print(f"{kind:<8} {statistics.median(values) * 1e6:6.0f} µs CPU per request "
-                  f"(rounds: {', '.join(f'{v * 1e6:.0f}' for v in values)})")
+            print(
+                f"{kind:<8} {statistics.median(values) * 1e6:6.0f} µs CPU per request "
+                f"(rounds: {', '.join(f'{v * 1e6:.0f}' for v in values)})"
+            )
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -15,13 +15,16 @@ opened (and warmed with one request) before the clock starts:
   microseconds per request, so that the client is not what is measured;
 - ``aiohttp``: aiohttp's client, closer to what applications use (``"client": "aiohttp"``).
 
-Every load loop is bounded by ``count`` requests and ``seconds`` of wall time.
+Every load loop is bounded by ``count`` requests and ``seconds`` of wall time (a request
+begun before the deadline gets ``GRACE`` seconds more, then counts as an error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -30,6 +33,16 @@ from urllib.parse import urlsplit
 import httptools
 
 perf = time.perf_counter
+GRACE = 30.0  # seconds a request begun before a round's deadline may run past it
+
+# Results go to a private copy of stdout; anything else that prints goes to stderr.
+_OUT = os.fdopen(os.dup(1), "w")
+sys.stdout = sys.stderr
+
+
+def reply(cmd: dict[str, Any], result: dict[str, Any]) -> None:
+    _OUT.write(json.dumps({**result, "id": cmd.get("id")}) + "\n")
+    _OUT.flush()
 
 
 class Timing:
@@ -114,7 +127,7 @@ class RawConnection(asyncio.Protocol):
         timing.total = end - self.sent
         arrivals = self.arrivals
         timing.first = (arrivals[0] if arrivals else end) - self.sent
-        timing.gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+        timing.gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         return timing
 
     def close(self) -> None:
@@ -160,11 +173,12 @@ async def latency_raw(cmd: dict[str, Any]) -> dict[str, Any]:
     concurrency, count = int(cmd["concurrency"]), int(cmd["count"])
     conns = [await _raw_connect(host, port) for _ in range(concurrency)]
     for conn in conns:  # warm every connection (and the proxy's upstream pool)
-        await conn.request(request)
+        await asyncio.wait_for(conn.request(request), 60)
     timings: list[Timing] = []
     errors = 0
     remaining = count
     deadline = perf() + float(cmd["seconds"])
+    hard = deadline + GRACE
 
     async def worker(conn: RawConnection) -> None:
         nonlocal remaining, errors
@@ -173,9 +187,11 @@ async def latency_raw(cmd: dict[str, Any]) -> dict[str, Any]:
             try:
                 if conn.lost.is_set() or not conn.keep_alive:
                     conn = await _raw_connect(host, port)
-                timings.append(await conn.request(request))
-            except (OSError, ConnectionError, httptools.HttpParserError):
+                # A request started before the deadline may finish after it, but not long after.
+                timings.append(await asyncio.wait_for(conn.request(request), hard - perf()))
+            except (OSError, ConnectionError, TimeoutError, httptools.HttpParserError):
                 errors += 1
+                conn.close()
                 conn = await _raw_connect(host, port)
 
     started = perf()
@@ -211,20 +227,21 @@ async def latency_aiohttp(cmd: dict[str, Any]) -> dict[str, Any]:
             end = perf()
             timing.total = end - sent
             timing.first = (arrivals[0] if arrivals else end) - sent
-            timing.gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+            timing.gaps = [b - a for a, b in itertools.pairwise(arrivals)]
             return timing
 
         await asyncio.gather(*(one() for _ in range(concurrency)))  # warm the pool
         remaining = count
         deadline = perf() + float(cmd["seconds"])
+        hard = deadline + GRACE
 
         async def worker() -> None:
             nonlocal remaining, errors
             while remaining > 0 and perf() < deadline:
                 remaining -= 1
                 try:
-                    timings.append(await one())
-                except (aiohttp.ClientError, OSError):
+                    timings.append(await asyncio.wait_for(one(), hard - perf()))
+                except (aiohttp.ClientError, OSError, TimeoutError):
                     errors += 1
 
         started = perf()
@@ -276,16 +293,15 @@ async def open_streams(cmd: dict[str, Any]) -> None:
 
     started = perf()
     await asyncio.gather(*(one() for _ in range(count)))
-    print(
-        json.dumps({"opened": opened, "failed": failed, "seconds": perf() - started}), flush=True
-    )
+    reply(cmd, {"opened": opened, "failed": failed, "seconds": perf() - started})
     loop = asyncio.get_running_loop()
     line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), 600)
-    assert json.loads(line)["op"] == "close_streams"
+    close = json.loads(line)
+    assert close["op"] == "close_streams"
     for conn in conns:
         conn.close()
     await asyncio.sleep(0.5)
-    print(json.dumps({"closed": len(conns)}), flush=True)
+    reply(close, {"closed": len(conns)})
 
 
 def run(coro: Any) -> Any:
@@ -298,7 +314,10 @@ def run(coro: Any) -> Any:
 
 
 def main() -> None:
-    for line in sys.stdin:
+    while True:
+        line = sys.stdin.readline()  # not ``for line in sys.stdin``: no read-ahead
+        if not line:
+            return
         if not line.strip():
             continue
         cmd = json.loads(line)
@@ -308,14 +327,13 @@ def main() -> None:
         try:
             if op == "latency":
                 client = cmd.get("client", "raw")
-                result = run(latency_aiohttp(cmd) if client == "aiohttp" else latency_raw(cmd))
-                print(json.dumps(result), flush=True)
+                reply(cmd, run(latency_aiohttp(cmd) if client == "aiohttp" else latency_raw(cmd)))
             elif op == "open_streams":
                 run(open_streams(cmd))
             else:
-                print(json.dumps({"error": f"unknown op {op}"}), flush=True)
+                reply(cmd, {"error": f"unknown op {op}"})
         except Exception as exc:
-            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            reply(cmd, {"error": f"{type(exc).__name__}: {exc}"})
 
 
 if __name__ == "__main__":

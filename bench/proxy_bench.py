@@ -39,7 +39,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import (  # noqa: E402
+from stack import (
     BENCH_DIR,
     KEY,
     UPSTREAM,
@@ -120,7 +120,9 @@ class Run:
         self.proxies["gateway"] = gateway
         if args.compare_src or args.compare_log_level:
             other = start_gateway(
-                self.workdir, self.upstream.url, name="gateway-b",
+                self.workdir,
+                self.upstream.url,
+                name="gateway-b",
                 src=args.compare_src or args.gateway_src,
                 log_level=args.compare_log_level or "info",
             )
@@ -223,15 +225,26 @@ class Run:
         self.rounds("chat_c16", {**base, "concurrency": 16, "count": 3000 if q else 8000}, rounds)
         self.rounds(
             "stream_c16",
-            {**base, "stream": True, "max_tokens": 8, "concurrency": 16,
-             "count": 1500 if q else 4000},
+            {
+                **base,
+                "stream": True,
+                "max_tokens": 8,
+                "concurrency": 16,
+                "count": 1500 if q else 4000,
+            },
             rounds,
         )
         chunks = 25 if q else 50
         self.rounds(
             "tick_c16",
-            {"model": "bench-tick", "stream": True, "max_tokens": chunks, "concurrency": 16,
-             "count": 32 if q else 64, "seconds": 10.0},
+            {
+                "model": "bench-tick",
+                "stream": True,
+                "max_tokens": chunks,
+                "concurrency": 16,
+                "count": 32 if q else 64,
+                "seconds": 10.0,
+            },
             rounds,
         )
 
@@ -256,7 +269,10 @@ class Run:
                 cpu_before = self._cpu(proc)
                 if wrk is None:
                     result = self.latency(
-                        target, model="bench", concurrency=conns, count=200000,
+                        target,
+                        model="bench",
+                        concurrency=conns,
+                        count=200000,
                         seconds=duration,
                     )
                     value, done = result["n"] / result["wall"], result["n"]
@@ -292,9 +308,7 @@ class Run:
                 total += t.user + t.system
         return total
 
-    def _wrk(
-        self, wrk: str, target: str, conns: int, duration: int
-    ) -> tuple[float, int, int]:
+    def _wrk(self, wrk: str, target: str, conns: int, duration: int) -> tuple[float, int, int]:
         url, key = self.targets[target]
         script = self.workdir / f"wrk-{target}.lua"
         body = json.dumps(
@@ -309,9 +323,21 @@ class Run:
             lines.append(f'wrk.headers["Authorization"] = "Bearer {key}"')
         script.write_text("\n".join(lines) + "\n")
         out = subprocess.run(
-            [wrk, "-t1", f"-c{conns}", f"-d{duration}s", "--timeout", "10s", "-s", str(script),
-             url + "/v1/chat/completions"],
-            capture_output=True, text=True, timeout=duration + 60, check=False,
+            [
+                wrk,
+                "-t1",
+                f"-c{conns}",
+                f"-d{duration}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url + "/v1/chat/completions",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=False,
         ).stdout
         found = re.search(r"Requests/sec:\s+([\d.]+)", out)
         total = re.search(r"(\d+) requests in", out)
@@ -330,16 +356,22 @@ class Run:
         assert self.loadgen is not None
         memory = {}
         for name in self.targets:  # warm up: connections, upstream pools, code paths
-            self.latency(name, model="bench", stream=True, concurrency=16, count=400,
-                         seconds=10)
+            self.latency(name, model="bench", stream=True, concurrency=16, count=400, seconds=10)
         for name, proc in self.proxies.items():
             tree = name != "gateway" and not name.startswith("gateway")
             url, key = self.targets[name]
             time.sleep(1.0)
             before = proc.rss(tree)
             self.loadgen.send(
-                {"op": "open_streams", "url": url, "key": key, "model": "bench-hold",
-                 "stream": True, "count": count, "seconds": 90}
+                {
+                    "op": "open_streams",
+                    "url": url,
+                    "key": key,
+                    "model": "bench-hold",
+                    "stream": True,
+                    "count": count,
+                    "seconds": 90,
+                }
             )
             opened = self.loadgen.read()
             if "error" in opened:
@@ -380,16 +412,29 @@ class Run:
         seconds = 8 if self.quick else 15
         raw = self.workdir / "profile.txt"
         spy_proc = subprocess.Popen(
-            [spy, "record", "--pid", str(gateway.pid), "--duration", str(seconds),
-             "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(raw)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                spy,
+                "record",
+                "--pid",
+                str(gateway.pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         time.sleep(1.0)
         if wrk:
             self._wrk(wrk, "gateway", 64, seconds - 2)
         else:
-            self.latency("gateway", model="bench", concurrency=64, count=10**6,
-                         seconds=seconds - 2)
+            self.latency("gateway", model="bench", concurrency=64, count=10**6, seconds=seconds - 2)
         spy_proc.wait(seconds + 30)
         if not raw.exists():
             self.results["profile"] = {"skipped": "py-spy wrote nothing (ptrace not allowed?)"}
@@ -408,17 +453,43 @@ class Run:
         delays = [2.0 + 0.5 * i / reps for i in range(reps)]
         events = [self.workdir / f"cold-{i}.jsonl" for i in range(reps)]
         cold = [
-            (f"bench-cold-{i}",
-             [sys.executable, str(UPSTREAM), "--port", "{port}", "--startup-delay",
-              f"{delays[i]:.3f}", "--events", str(events[i]), "--lifetime", "600"])
+            (
+                f"bench-cold-{i}",
+                [
+                    sys.executable,
+                    str(UPSTREAM),
+                    "--port",
+                    "{port}",
+                    "--startup-delay",
+                    f"{delays[i]:.3f}",
+                    "--events",
+                    str(events[i]),
+                    "--lifetime",
+                    "600",
+                ],
+            )
             for i in range(reps)
         ]
-        client_model = ("bench-cold-client",
-                        [sys.executable, str(UPSTREAM), "--port", "{port}", "--startup-delay",
-                         "2.0", "--events", str(self.workdir / "cold-client.jsonl"),
-                         "--lifetime", "600"])
+        client_model = (
+            "bench-cold-client",
+            [
+                sys.executable,
+                str(UPSTREAM),
+                "--port",
+                "{port}",
+                "--startup-delay",
+                "2.0",
+                "--events",
+                str(self.workdir / "cold-client.jsonl"),
+                "--lifetime",
+                "600",
+            ],
+        )
         gateway = start_gateway(
-            self.workdir, None, name="gateway-cold", src=self.args.gateway_src,
+            self.workdir,
+            None,
+            name="gateway-cold",
+            src=self.args.gateway_src,
             cold=[*cold, client_model],
         )
         self.procs.append(gateway)
@@ -429,7 +500,8 @@ class Run:
             status, _ = http_json(
                 gateway.url + "/v1/chat/completions",
                 {"model": model, "messages": [{"role": "user", "content": "hi"}]},
-                key=KEY, timeout=90,
+                key=KEY,
+                timeout=90,
             )
             answered = time.monotonic()
             marks = read_events(events[i])
@@ -439,9 +511,11 @@ class Run:
                 "startup_delay_s": delays[i],
                 "request_to_answer_s": answered - sent,
                 "listening_to_health_ok_ms": (marks["health_ok"] - marks["listening"]) * 1e3
-                if {"health_ok", "listening"} <= marks.keys() else float("nan"),
+                if {"health_ok", "listening"} <= marks.keys()
+                else float("nan"),
                 "health_ok_to_request_ms": (marks["request"] - marks["health_ok"]) * 1e3
-                if {"health_ok", "request"} <= marks.keys() else float("nan"),
+                if {"health_ok", "request"} <= marks.keys()
+                else float("nan"),
             }
 
         with ThreadPoolExecutor(reps) as pool:
@@ -466,9 +540,11 @@ class Run:
         return {
             "request_to_answer_s": answered - sent,
             "health_ok_to_response_ms": (answered - marks["health_ok"]) * 1e3
-            if "health_ok" in marks else float("nan"),
+            if "health_ok" in marks
+            else float("nan"),
             "health_ok_to_request_ms": (marks["request"] - marks["health_ok"]) * 1e3
-            if {"health_ok", "request"} <= marks.keys() else float("nan"),
+            if {"health_ok", "request"} <= marks.keys()
+            else float("nan"),
         }
 
 
@@ -537,8 +613,11 @@ def machine() -> dict[str, str]:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     nginx_v = ""
     with contextlib.suppress(OSError):
-        nginx_v = subprocess.run([nginx, "-v"], capture_output=True, text=True,
-                                 check=False).stderr.strip().split("/")[-1]
+        nginx_v = (
+            subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+            .stderr.strip()
+            .split("/")[-1]
+        )
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -562,72 +641,93 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
     out: list[str] = []
     w = out.append
     w(f"Measured {started:%Y-%m-%d %H:%M} UTC with\n\n    {command}\n")
-    w(f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']}, Python {m['python']}, "
-      f"Linux {m['kernel']}; {m['libraries']}; nginx {m['nginx']}. Load generator: "
-      f"`loadgen.py` ({run.args.client} client) in its own process; saturation: "
-      f"{res.get('saturation_tool', '—')}.\n")
+    w(
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']}, Python {m['python']}, "
+        f"Linux {m['kernel']}; {m['libraries']}; nginx {m['nginx']}. Load generator: "
+        f"`loadgen.py` ({run.args.client} client) in its own process; saturation: "
+        f"{res.get('saturation_tool', '—')}.\n"
+    )
     if run.skipped:
         for name, why in run.skipped.items():
             w(f"- **{name} skipped**: {why}")
         w("")
     native = res.get("native", {})
     for name, mods in native.items():
-        w(f"- {name} process has loaded: "
-          + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in mods.items()))
+        w(
+            f"- {name} process has loaded: "
+            + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in mods.items())
+        )
     w("")
 
     # latency table
     w("### Latency (ms)\n")
-    w("| target | chat c=1 p50 | p99 | chat c=16 p50 | p99 | stream c=16 TTFB p50 | TTFB p99 "
-      "| total p50 | 20 ms ticks: gap p50 | gap p99 | gap max | errors |")
+    w(
+        "| target | chat c=1 p50 | p99 | chat c=16 p50 | p99 | stream c=16 TTFB p50 | TTFB p99 "
+        "| total p50 | 20 ms ticks: gap p50 | gap p99 | gap max | errors |"
+    )
     w("|---|" + "---:|" * 11)
     for t in names:
         c1, c16 = sc["chat_c1"].get(t, {}), sc["chat_c16"].get(t, {})
         st, tk = sc["stream_c16"].get(t, {}), sc["tick_c16"].get(t, {})
         errors = sum(s.get("errors", 0) for s in (c1, c16, st, tk))
-        w(f"| {t} | {ms(c1.get('p50', float('nan')))} | {ms(c1.get('p99', float('nan')))} "
-          f"| {ms(c16.get('p50', float('nan')))} | {ms(c16.get('p99', float('nan')))} "
-          f"| {ms(st.get('ttfb_p50', float('nan')))} | {ms(st.get('ttfb_p99', float('nan')))} "
-          f"| {ms(st.get('p50', float('nan')))} | {ms(tk.get('gap_p50', float('nan')))} "
-          f"| {ms(tk.get('gap_p99', float('nan')))} | {ms(tk.get('gap_max', float('nan')))} "
-          f"| {errors} |")
+        w(
+            f"| {t} | {ms(c1.get('p50', float('nan')))} | {ms(c1.get('p99', float('nan')))} "
+            f"| {ms(c16.get('p50', float('nan')))} | {ms(c16.get('p99', float('nan')))} "
+            f"| {ms(st.get('ttfb_p50', float('nan')))} | {ms(st.get('ttfb_p99', float('nan')))} "
+            f"| {ms(st.get('p50', float('nan')))} | {ms(tk.get('gap_p50', float('nan')))} "
+            f"| {ms(tk.get('gap_p99', float('nan')))} | {ms(tk.get('gap_max', float('nan')))} "
+            f"| {errors} |"
+        )
     w("")
-    w("Samples per target: " + "; ".join(
-        f"{s}: " + ", ".join(f"{t} {sc[s][t]['n']}" for t in names if t in sc[s])
-        for s in ("chat_c1", "chat_c16", "stream_c16")
-    ) + f"; tick gaps: " + ", ".join(
-        f"{t} {sc['tick_c16'][t]['gaps']}" for t in names if t in sc["tick_c16"]) + ".\n")
+    w(
+        "Samples per target: "
+        + "; ".join(
+            f"{s}: " + ", ".join(f"{t} {sc[s][t]['n']}" for t in names if t in sc[s])
+            for s in ("chat_c1", "chat_c16", "stream_c16")
+        )
+        + "; tick gaps: "
+        + ", ".join(f"{t} {sc['tick_c16'][t]['gaps']}" for t in names if t in sc["tick_c16"])
+        + ".\n"
+    )
 
     # saturation + memory
     sat, mem = res.get("saturation", {}), res.get("memory", {})
     w("### Saturation and memory\n")
-    w("| target | req/s at saturation (median of rounds) | rounds | CPU µs per request "
-      "| errors | RSS idle MiB "
-      "| RSS with streams open MiB | streams open | KiB per open stream | RSS after close MiB |")
+    w(
+        "| target | req/s at saturation (median of rounds) | rounds | CPU µs per request "
+        "| errors | RSS idle MiB "
+        "| RSS with streams open MiB | streams open | KiB per open stream | RSS after close MiB |"
+    )
     w("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for t in names:
         s = sat.get(t, {})
         mm = mem.get(t, {})
         rounds = ", ".join(f"{v:.0f}" for v in s.get("rounds", []))
         if mm and "error" not in mm:
-            memcols = (f"{mm['before_mib']:.1f} | {mm['during_mib']:.1f} | {mm['opened']}"
-                       f"{' (' + str(mm['failed']) + ' failed)' if mm['failed'] else ''} | "
-                       f"{mm['kib_per_stream']:.1f} | {mm['after_mib']:.1f}")
+            memcols = (
+                f"{mm['before_mib']:.1f} | {mm['during_mib']:.1f} | {mm['opened']}"
+                f"{' (' + str(mm['failed']) + ' failed)' if mm['failed'] else ''} | "
+                f"{mm['kib_per_stream']:.1f} | {mm['after_mib']:.1f}"
+            )
         elif mm:
             memcols = f"error: {mm['error']} | | | |"
         else:
             memcols = "— | — | — | — | —"
-        w(f"| {t} | {s.get('rps', float('nan')):.0f} | {rounds} "
-          f"| {s.get('cpu_us', float('nan')):.0f} | {s.get('errors', 0)} "
-          f"| {memcols} |")
+        w(
+            f"| {t} | {s.get('rps', float('nan')):.0f} | {rounds} "
+            f"| {s.get('cpu_us', float('nan')):.0f} | {s.get('errors', 0)} "
+            f"| {memcols} |"
+        )
     w("")
 
     # verdicts
     w("### Budget verdicts (gateway vs direct, same run)\n")
-    w("| budget | limit | gateway | " + " | ".join(
-        t for t in names if t not in ("direct", "gateway")) + " | verdict (gateway) |")
-    w("|---|---|---|" + "---|" * len([t for t in names if t not in ("direct", "gateway")])
-      + "---|")
+    w(
+        "| budget | limit | gateway | "
+        + " | ".join(t for t in names if t not in ("direct", "gateway"))
+        + " | verdict (gateway) |"
+    )
+    w("|---|---|---|" + "---|" * len([t for t in names if t not in ("direct", "gateway")]) + "---|")
     peers = [t for t in names if t not in ("direct", "gateway")]
 
     def ratio(scen: str, key: str, t: str) -> float:
@@ -635,26 +735,64 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
         return g / d if d and g else float("nan")
 
     rows: list[tuple[str, str, Callable[[str], float], Callable[[float], bool], str]] = [
-        ("p50 chat c=1", f"≤ {BUDGET['p50_c1']}× direct",
-         lambda t: ratio("chat_c1", "p50", t), lambda v: v <= BUDGET["p50_c1"], "{:.2f}×"),
-        ("p50 chat c=16", f"≤ {BUDGET['p50_c16']}× direct",
-         lambda t: ratio("chat_c16", "p50", t), lambda v: v <= BUDGET["p50_c16"], "{:.2f}×"),
-        ("p99 chat c=16", f"≤ {BUDGET['p99_c16']}× direct",
-         lambda t: ratio("chat_c16", "p99", t), lambda v: v <= BUDGET["p99_c16"], "{:.2f}×"),
-        ("stream TTFB p50 c=16", f"≤ {BUDGET['ttfb_p50_c16']}× direct",
-         lambda t: ratio("stream_c16", "ttfb_p50", t),
-         lambda v: v <= BUDGET["ttfb_p50_c16"], "{:.2f}×"),
-        ("extra inter-chunk gap p99 (20 ms ticks)", f"≤ {BUDGET['extra_gap_p99_ms']} ms",
-         lambda t: (sc["tick_c16"].get(t, {}).get("gap_p99", float("nan"))
-                    - sc["tick_c16"].get("direct", {}).get("gap_p99", float("nan"))) * 1e3,
-         lambda v: v <= BUDGET["extra_gap_p99_ms"], "{:+.2f} ms"),
-        ("req/s at saturation", f"≥ {BUDGET['rps_share']:.0%} of direct",
-         lambda t: sat.get(t, {}).get("rps", float("nan"))
-         / sat.get("direct", {}).get("rps", float("nan")),
-         lambda v: v >= BUDGET["rps_share"], "{:.0%}"),
-        ("memory per open stream", f"≤ {BUDGET['kib_per_stream']:.0f} KiB",
-         lambda t: mem.get(t, {}).get("kib_per_stream", float("nan")),
-         lambda v: v <= BUDGET["kib_per_stream"], "{:.1f} KiB"),
+        (
+            "p50 chat c=1",
+            f"≤ {BUDGET['p50_c1']}x direct",
+            lambda t: ratio("chat_c1", "p50", t),
+            lambda v: v <= BUDGET["p50_c1"],
+            "{:.2f}x",
+        ),
+        (
+            "p50 chat c=16",
+            f"≤ {BUDGET['p50_c16']}x direct",
+            lambda t: ratio("chat_c16", "p50", t),
+            lambda v: v <= BUDGET["p50_c16"],
+            "{:.2f}x",
+        ),
+        (
+            "p99 chat c=16",
+            f"≤ {BUDGET['p99_c16']}x direct",
+            lambda t: ratio("chat_c16", "p99", t),
+            lambda v: v <= BUDGET["p99_c16"],
+            "{:.2f}x",
+        ),
+        (
+            "stream TTFB p50 c=16",
+            f"≤ {BUDGET['ttfb_p50_c16']}x direct",
+            lambda t: ratio("stream_c16", "ttfb_p50", t),
+            lambda v: v <= BUDGET["ttfb_p50_c16"],
+            "{:.2f}x",
+        ),
+        (
+            "extra inter-chunk gap p99 (20 ms ticks)",
+            f"≤ {BUDGET['extra_gap_p99_ms']} ms",
+            lambda t: (
+                (
+                    sc["tick_c16"].get(t, {}).get("gap_p99", float("nan"))
+                    - sc["tick_c16"].get("direct", {}).get("gap_p99", float("nan"))
+                )
+                * 1e3
+            ),
+            lambda v: v <= BUDGET["extra_gap_p99_ms"],
+            "{:+.2f} ms",
+        ),
+        (
+            "req/s at saturation",
+            f"≥ {BUDGET['rps_share']:.0%} of direct",
+            lambda t: (
+                sat.get(t, {}).get("rps", float("nan"))
+                / sat.get("direct", {}).get("rps", float("nan"))
+            ),
+            lambda v: v >= BUDGET["rps_share"],
+            "{:.0%}",
+        ),
+        (
+            "memory per open stream",
+            f"≤ {BUDGET['kib_per_stream']:.0f} KiB",
+            lambda t: mem.get(t, {}).get("kib_per_stream", float("nan")),
+            lambda v: v <= BUDGET["kib_per_stream"],
+            "{:.1f} KiB",
+        ),
     ]
     verdicts = {}
     for label, limit, get, check, fmt in rows:
@@ -662,38 +800,53 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
         ok = None if g != g else check(g)
         verdicts[label] = ok
         peer_cols = " | ".join(("—" if get(p) != get(p) else fmt.format(get(p))) for p in peers)
-        w(f"| {label} | {limit} | {'—' if g != g else fmt.format(g)} | "
-          + (peer_cols + " | " if peers else "") + f"{verdict(ok)} |")
+        w(
+            f"| {label} | {limit} | {'—' if g != g else fmt.format(g)} | "
+            + (peer_cols + " | " if peers else "")
+            + f"{verdict(ok)} |"
+        )
     cold = res.get("cold", {})
     if cold.get("held"):
         worst = max(h["health_ok_to_request_ms"] for h in cold["held"])
         ok = worst <= BUDGET["cold_held_ms"]
         verdicts["cold held"] = ok
-        w(f"| cold start: engine's first /health 200 → held request upstream (worst of "
-          f"{len(cold['held'])}) | ≤ {BUDGET['cold_held_ms']:.0f} ms | {worst:.1f} ms | "
-          + ("— | " * len(peers)) + f"{verdict(ok)} |")
+        w(
+            f"| cold start: engine's first /health 200 → held request upstream (worst of "
+            f"{len(cold['held'])}) | ≤ {BUDGET['cold_held_ms']:.0f} ms | {worst:.1f} ms | "
+            + ("— | " * len(peers))
+            + f"{verdict(ok)} |"
+        )
     client = cold.get("client", {})
     if client and "skipped" not in client:
         v = client["health_ok_to_response_ms"]
         ok = v <= BUDGET["cold_client_ms"]
         verdicts["cold client"] = ok
-        w(f"| cold start with AutoserveClient: first /health 200 → response | "
-          f"≤ {BUDGET['cold_client_ms']:.0f} ms | {v:.1f} ms | " + ("— | " * len(peers))
-          + f"{verdict(ok)} |")
+        w(
+            f"| cold start with AutoserveClient: first /health 200 → response | "
+            f"≤ {BUDGET['cold_client_ms']:.0f} ms | {v:.1f} ms | "
+            + ("— | " * len(peers))
+            + f"{verdict(ok)} |"
+        )
     w("")
     if client.get("skipped"):
         w(f"- Client cold-start check skipped: {client['skipped']}.")
     if cold.get("held"):
-        w("- Cold start, per engine (stand-in listening after its delay; the gateway polls "
-          "`/health`):")
+        w(
+            "- Cold start, per engine (stand-in listening after its delay; the gateway polls "
+            "`/health`):"
+        )
         w("")
-        w("  | model | startup delay s | listening → first /health 200 ms "
-          "| first /health 200 → held request received ms | request → answer s |")
+        w(
+            "  | model | startup delay s | listening → first /health 200 ms "
+            "| first /health 200 → held request received ms | request → answer s |"
+        )
         w("  |---|---:|---:|---:|---:|")
         for h in cold["held"]:
-            w(f"  | {h['model']} | {h['startup_delay_s']:.2f} | "
-              f"{h['listening_to_health_ok_ms']:.1f} | {h['health_ok_to_request_ms']:.1f} | "
-              f"{h['request_to_answer_s']:.2f} |")
+            w(
+                f"  | {h['model']} | {h['startup_delay_s']:.2f} | "
+                f"{h['listening_to_health_ok_ms']:.1f} | {h['health_ok_to_request_ms']:.1f} | "
+                f"{h['request_to_answer_s']:.2f} |"
+            )
     w("")
     prof = res.get("profile", {})
     if prof.get("skipped"):
@@ -702,8 +855,7 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
         w(f"### Profile of the gateway under saturation ({prof['samples']} py-spy samples)\n")
         w("| self % | function (leaf frame) | | inclusive % | function |")
         w("|---:|---|---|---:|---|")
-        for (sv, sn), (iv, iname) in zip(prof["self"][:20], prof["inclusive"][:20],
-                                         strict=False):
+        for (sv, sn), (iv, iname) in zip(prof["self"][:20], prof["inclusive"][:20], strict=False):
             w(f"| {sv:.1%} | `{sn}` | | {iv:.1%} | `{iname}` |")
         w("")
     res["verdicts"] = verdicts
@@ -728,27 +880,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Proxy overhead budget (issue 6).")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about 3 minutes)")
     parser.add_argument("--no-peers", action="store_true", help="skip nginx and LiteLLM")
-    parser.add_argument("--skip", default="", help="comma-separated: nginx,litellm,latency,saturation,"
-                        "memory,profile,cold")
-    parser.add_argument("--client", choices=["raw", "aiohttp"], default="raw",
-                        help="the load generator's HTTP client (default: raw httptools)")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated: nginx,litellm,latency,saturation,memory,profile,cold",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "aiohttp"],
+        default="raw",
+        help="the load generator's HTTP client (default: raw httptools)",
+    )
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds per scenario")
     parser.add_argument("--streams", type=int, default=1000, help="open streams for memory")
-    parser.add_argument("--gateway-src", default=None,
-                        help="server/src of another checkout to run as the gateway")
-    parser.add_argument("--compare-src", default=None,
-                        help="also run a second gateway from this server/src ('gateway-b')")
-    parser.add_argument("--compare-log-level", default=None,
-                        help="run 'gateway-b' with this --log-level (warning: no access log)")
+    parser.add_argument(
+        "--gateway-src", default=None, help="server/src of another checkout to run as the gateway"
+    )
+    parser.add_argument(
+        "--compare-src",
+        default=None,
+        help="also run a second gateway from this server/src ('gateway-b')",
+    )
+    parser.add_argument(
+        "--compare-log-level",
+        default=None,
+        help="run 'gateway-b' with this --log-level (warning: no access log)",
+    )
     parser.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` script")
     parser.add_argument("--py-spy", default=None, help="path of py-spy")
     parser.add_argument("--out", default=str(RESULTS), help="markdown file to write")
     parser.add_argument("--json", default=None, help="also dump the raw summary here")
     args = parser.parse_args()
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    command = "uv run python bench/proxy_bench.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
+    command = "uv run python bench/proxy_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = dt.datetime.now(dt.UTC)
     run = Run(args)
     try:

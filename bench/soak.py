@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import BENCH_DIR, LoadGen, Proc, start_gateway, start_upstream  # noqa: E402
+from stack import BENCH_DIR, LoadGen, Proc, start_gateway, start_upstream
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 
@@ -37,12 +37,14 @@ def sampler(proc: Proc, every: float, stop: threading.Event, out: list[dict[str,
     while not stop.is_set():
         try:
             cpu = p.cpu_times()
-            out.append({
-                "t": time.monotonic() - start,
-                "rss_mib": p.memory_info().rss / 2**20,
-                "fds": float(p.num_fds()),
-                "cpu_s": cpu.user + cpu.system,
-            })
+            out.append(
+                {
+                    "t": time.monotonic() - start,
+                    "rss_mib": p.memory_info().rss / 2**20,
+                    "fds": float(p.num_fds()),
+                    "cpu_s": cpu.user + cpu.system,
+                }
+            )
         except psutil.Error:
             return
         stop.wait(every)
@@ -85,12 +87,38 @@ def main() -> int:
         url, key = gateway.url, gateway.key
         rounds: list[tuple[str, dict[str, Any]]] = [
             ("chat c=8", {"model": "bench", "concurrency": 8, "count": 4000, "seconds": 3}),
-            ("stream c=8", {"model": "bench", "stream": True, "max_tokens": 16,
-                            "concurrency": 8, "count": 2000, "seconds": 3}),
-            ("20 ms ticks c=8", {"model": "bench-tick", "stream": True, "max_tokens": 25,
-                                 "concurrency": 8, "count": 16, "seconds": 5}),
-            ("wrong key c=4", {"model": "bench", "concurrency": 4, "count": 400, "seconds": 2,
-                               "key": "not-the-key"}),
+            (
+                "stream c=8",
+                {
+                    "model": "bench",
+                    "stream": True,
+                    "max_tokens": 16,
+                    "concurrency": 8,
+                    "count": 2000,
+                    "seconds": 3,
+                },
+            ),
+            (
+                "20 ms ticks c=8",
+                {
+                    "model": "bench-tick",
+                    "stream": True,
+                    "max_tokens": 25,
+                    "concurrency": 8,
+                    "count": 16,
+                    "seconds": 5,
+                },
+            ),
+            (
+                "wrong key c=4",
+                {
+                    "model": "bench",
+                    "concurrency": 4,
+                    "count": 400,
+                    "seconds": 2,
+                    "key": "not-the-key",
+                },
+            ),
         ]
         deadline = time.monotonic() + args.minutes * 60
         cycle = 0
@@ -105,15 +133,25 @@ def main() -> int:
                 counts[name] = [ok + result.get("n", 0), bad + result.get("errors", 0)]
             if time.monotonic() >= deadline:
                 break
-            loadgen.send({"op": "open_streams", "url": url, "key": key, "model": "bench-hold",
-                          "stream": True, "count": 200, "seconds": 20})
+            loadgen.send(
+                {
+                    "op": "open_streams",
+                    "url": url,
+                    "key": key,
+                    "model": "bench-hold",
+                    "stream": True,
+                    "count": 200,
+                    "seconds": 20,
+                }
+            )
             opened = loadgen.read()
             time.sleep(0.5)
             loadgen.send({"op": "close_streams"})
             loadgen.read()
             ok, bad = counts.setdefault("200 held streams, dropped", [0, 0])
             counts["200 held streams, dropped"] = [
-                ok + opened.get("opened", 0), bad + opened.get("failed", 0)
+                ok + opened.get("opened", 0),
+                bad + opened.get("failed", 0),
             ]
         time.sleep(args.every + 1)  # one sample at rest
     finally:
@@ -145,8 +183,8 @@ def main() -> int:
             f"{last['fds']:.0f} at the end. Gateway CPU: {last['cpu_s'] - first['cpu_s']:.0f} s "
             f"in {last['t']:.0f} s ({len(samples)} samples every {args.every:g} s).",
             "",
-            "RSS samples (MiB): " + ", ".join(f"{s['rss_mib']:.0f}" for s in samples[:: max(
-                1, len(samples) // 24)]),
+            "RSS samples (MiB): "
+            + ", ".join(f"{s['rss_mib']:.0f}" for s in samples[:: max(1, len(samples) // 24)]),
         ]
     text = "\n".join(lines)
     print(text)

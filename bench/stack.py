@@ -118,7 +118,7 @@ def spawn(
     cpus: str | None = None,
 ) -> Proc:
     log_path = workdir / f"{name}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - the child keeps it
+    log = open(log_path, "wb")  # the child keeps its own copy
     if cpus and shutil.which("taskset"):
         argv = ["taskset", "-c", cpus, *argv]
     popen = subprocess.Popen(
@@ -194,9 +194,7 @@ def start_gateway(
     config.write_text(gateway_config(upstream_url, cold))
     env = {"VLLM_GATEWAY_AUTH": KEY}
     if src:
-        env["PYTHONPATH"] = os.pathsep.join(
-            [src, *filter(None, [os.environ.get("PYTHONPATH")])]
-        )
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
     argv = [sys.executable, "-m", "vllm_autoserve.cli", "--log-level", log_level, "serve"]
     argv += ["--config", str(config), "--host", HOST, "--port", str(port)]
     proc = spawn(name, argv, workdir, env)
@@ -337,7 +335,10 @@ class LoadGen:
         argv = [sys.executable, str(LOADGEN)]
         if cpus and shutil.which("taskset"):
             argv = ["taskset", "-c", cpus, *argv]
-        self.err = open(workdir / "loadgen.log", "wb")  # noqa: SIM115
+        self.err = open(workdir / "loadgen.log", "wb")
+        self.garbage = workdir / "loadgen-unexpected.txt"
+        self.next_id = 0
+        self.waiting: int | None = None
         self.popen = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -348,16 +349,26 @@ class LoadGen:
 
     def send(self, cmd: dict[str, Any]) -> None:
         assert self.popen.stdin is not None
-        self.popen.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.next_id += 1
+        self.waiting = self.next_id
+        self.popen.stdin.write((json.dumps({**cmd, "id": self.next_id}) + "\n").encode())
         self.popen.stdin.flush()
 
     def read(self) -> dict[str, Any]:
+        """The answer to the last command sent; anything else is set aside in a file."""
         assert self.popen.stdout is not None
-        line = self.popen.stdout.readline()
-        if not line:
-            raise RuntimeError("the load generator exited")
-        result: dict[str, Any] = json.loads(line)
-        return result
+        while True:
+            line = self.popen.stdout.readline()
+            if not line:
+                raise RuntimeError("the load generator exited")
+            try:
+                result: dict[str, Any] = json.loads(line)
+            except ValueError:
+                result = {}
+            if result.get("id") == self.waiting:
+                return result
+            with open(self.garbage, "ab") as f:
+                f.write(b"expected id %d: " % (self.waiting or 0) + line[:2000] + b"\n")
 
     def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
         self.send(cmd)

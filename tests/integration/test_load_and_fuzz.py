@@ -41,7 +41,8 @@ def upstream() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gateway(upstream: str) -> Iterator[Gateway]:
-    cfg = f'[gateway]\nmax_body_bytes = 65536\n[models."up"]\nurl = "{upstream}"\n'
+    # Only listed models: a fuzzed but valid repo id must not start a real engine.
+    cfg = f'[gateway]\nmax_body_bytes = 65536\nallow_unlisted = false\n[models."up"]\nurl = "{upstream}"\n'
     with running_gateway(cfg) as gw:
         yield gw
 

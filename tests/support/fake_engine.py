@@ -121,6 +121,12 @@ class Engine:
         pieces = [p + "x" * self.args.pad for p in completion_text(model, n)]
         if body.get("stream"):
             return await self.stream(request, model, pieces, chat)
+        if self.args.response_delay:
+            try:
+                await asyncio.sleep(self.args.response_delay)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         content = "".join(pieces)
         choice = (
             {
@@ -220,6 +226,8 @@ def main() -> None:
                         help="promise a body, send half of it, close the connection")
     parser.add_argument("--modal-redirect", action="store_true",
                         help="answer POSTs like a Modal web call past 150 s: 303 to a GET")
+    parser.add_argument("--response-delay", type=float, default=0.0,
+                        help="think this long before a non-streamed answer (like vLLM generating)")
     parser.add_argument("--pad", type=int, default=0, help="bytes of padding in every chunk")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
@@ -254,7 +262,8 @@ def main() -> None:
     app.router.add_post("/v1/completions", engine.completions)
     app.router.add_post("/v1/embeddings", engine.embeddings)
     print("fake engine ready", flush=True)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
+                handle_signals=not args.ignore_sigterm, handler_cancellation=True)
 
 
 if __name__ == "__main__":

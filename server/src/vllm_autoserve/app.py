@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
+from typing import Any
 
 import orjson
 
 from . import metrics
-from .asgi import ASGIApp, Receive, Scope, Send, send_bytes
+from .asgi import ASGIApp, Message, Receive, Scope, Send, send_bytes
 from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
-from .errors import GatewayError, Unauthorized
+from .errors import BadRequest, GatewayError, Unauthorized
 from .inbound import ClientGone, model_of, read_body
 from .pools.base import Pool, PoolState, Upstream
 from .pools.registry import Pools
@@ -46,6 +49,8 @@ _KNOWN_ROUTES = frozenset(
         "/v1/pooling",
     }
 )
+_CONTROL_BODY_LIMIT = 64 * 1024
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _HEALTH_BODY = orjson.dumps({"status": "ok"})
 _JSON = [(b"content-type", b"application/json")]
 
@@ -68,7 +73,10 @@ class GatewayApp:
         if kind == "lifespan":
             await self._lifespan(receive, send)
             return
-        if kind != "http":  # websockets are not part of the API
+        if kind == "websocket":  # not part of the API: refuse the upgrade (uvicorn answers 403)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind != "http":
             return
         path: str = scope["path"]
         if path == "/health":
@@ -85,6 +93,21 @@ class GatewayApp:
         ):
             await self._pass_through(scope, receive, send)
             return
+        await self._control(scope, receive, send)
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The gateway's own routes, with their (small) bodies read within a limit first."""
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            try:
+                body = await read_body(
+                    receive, _CONTROL_BODY_LIMIT, _header(scope, b"content-length")
+                )
+            except ClientGone:
+                return
+            except GatewayError as error:
+                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                return
+            receive = _replay(body, receive)
         await self.control(scope, receive, send)
 
     # -- lifespan -------------------------------------------------------------------------
@@ -123,21 +146,21 @@ class GatewayApp:
         held = 0.0
         outcome = Forwarded()
         try:
+            if _CONTROL_CHARS.search(path):
+                raise BadRequest("the path contains control characters")
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
             requested, data = model_of(body, _header(scope, b"content-type"))
             model = self.pools.resolve(requested)
             if model != requested and data is not None:
-                # An alias: the engine knows the canonical name.
-                body = orjson.dumps({**data, "model": model})
+                body = _rename_model(body, model)
             pool = self.pools.get(model)
-            client_gone = asyncio.Event()
-            watcher = asyncio.create_task(_watch_disconnect(receive, client_gone))
+            gone = asyncio.ensure_future(_client_disconnect(receive))
             try:
                 held_from = time.perf_counter()
                 try:
-                    upstream = await self._hold(pool, client_gone)
+                    upstream = await self._hold(pool, gone)
                 finally:
                     held = time.perf_counter() - held_from
                     if held > 0.001:
@@ -147,9 +170,9 @@ class GatewayApp:
                     return
                 metrics.OVERHEAD_SECONDS.labels(route).observe(time.perf_counter() - started - held)
                 with pool.lease():
-                    outcome = await self._forward(pool, upstream, scope, body, send, client_gone)
+                    outcome = await self._forward(pool, upstream, scope, body, send, gone)
             finally:
-                watcher.cancel()
+                gone.cancel()
         except ClientGone:
             outcome.client_gone = True
         except GatewayError as error:
@@ -171,17 +194,14 @@ class GatewayApp:
                 " upstream_broke=1" if outcome.upstream_broke else "",
             )
 
-    async def _hold(self, pool: Pool, client_gone: asyncio.Event) -> Upstream | None:
+    async def _hold(self, pool: Pool, gone: asyncio.Future[None]) -> Upstream | None:
         """The pool's upstream, holding the request while it starts; None if the client left."""
         hold = self.config.gateway.hold_seconds
         if pool.state is PoolState.HEALTHY:
             return await pool.ensure_ready(hold)
         ready = asyncio.create_task(pool.ensure_ready(hold))
-        gone = asyncio.create_task(client_gone.wait())
-        try:
-            await asyncio.wait({ready, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
+        first: set[asyncio.Future[Any]] = {ready, gone}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
             ready.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -196,7 +216,7 @@ class GatewayApp:
         scope: Scope,
         body: bytes,
         send: Send,
-        client_gone: asyncio.Event,
+        gone: asyncio.Future[None],
     ) -> Forwarded:
         headers = scope["headers"]
         metrics.IN_FLIGHT.labels(pool.name).inc()
@@ -205,12 +225,12 @@ class GatewayApp:
                 result = await self.proxy.forward(
                     upstream,
                     method=scope["method"],
-                    path=scope["path"],
+                    path=_raw_path(scope),
                     query=scope["query_string"],
                     headers=headers,
                     body=body,
                     send=send,
-                    client_gone=client_gone,
+                    gone=gone,
                     label=pool.name,
                 )
             except GatewayError:
@@ -221,12 +241,34 @@ class GatewayApp:
             metrics.IN_FLIGHT.labels(pool.name).dec()
 
 
-async def _watch_disconnect(receive: Receive, client_gone: asyncio.Event) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            client_gone.set()
-            return
+async def _client_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once (already read), then the client's messages."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+def _raw_path(scope: Scope) -> str:
+    """The path as the client sent it (percent-encoding kept), for the upstream request."""
+    raw: bytes | None = scope.get("raw_path")
+    return raw.decode("latin-1") if raw else str(scope["path"])
+
+
+def _rename_model(body: bytes, model: str) -> bytes:
+    """The body with ``model`` replaced (an alias: the engine knows the canonical name).
+    The standard library's json keeps every number exactly as sent, big integers included."""
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -10,8 +10,10 @@ vllm-autoserve demo [--port 8000]
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import math
 import socket
 import sys
 from collections.abc import Sequence
@@ -33,15 +35,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _port_taken(host: str, port: int) -> bool:
+def bind_problem(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on ``host:port``, or None if it can."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is already in use; choose another --port"
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
+    return port
 
 
 def setup_logging(level: str) -> None:
@@ -59,11 +71,9 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
     from .app import create_app
     from .pools.local import LocalPools
 
-    if _port_taken(host, port):
-        print(
-            f"vllm-autoserve: {host}:{port} is already in use; choose another --port",
-            file=sys.stderr,
-        )
+    problem = bind_problem(host, port)
+    if problem:
+        print(f"vllm-autoserve: {problem}", file=sys.stderr)
         return 1
     app = create_app(LocalPools(config), config, keys)
     uv_config = uvicorn.Config(
@@ -74,7 +84,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         access_log=False,  # the gateway writes its own access line (model, held time, bytes)
         log_config=None,
         log_level=log_level,
-        timeout_graceful_shutdown=int(config.gateway.drain_seconds) or None,
+        timeout_graceful_shutdown=math.ceil(config.gateway.drain_seconds),
         loop="auto",
         http="auto",
     )
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gateway with local engines")
     p.add_argument("--config", default=None, help=f"TOML file (default: ${CONFIG_ENV})")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument(
         "--no-auth", action="store_true", help="accept requests without a key (loopback hosts only)"
     )
@@ -192,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a working endpoint on this machine in one command")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.set_defaults(func=_cmd_demo)
     return parser
 

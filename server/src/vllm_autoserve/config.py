@@ -28,7 +28,7 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GatewaySettings(_Strict):
@@ -129,15 +129,17 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _names_unique(self) -> Config:
-        seen: dict[str, str] = {}
+        seen = {name: f'models."{name}"' for name in self.models}
         for name, model in self.models.items():
             _check_configured_name(name)
-            for alias in [name, *model.aliases]:
-                if alias != name:
-                    _check_configured_name(alias)
+            where = f'models."{name}".aliases'
+            for alias in model.aliases:
+                _check_configured_name(alias)
+                if alias == name:
+                    raise ValueError(f"{where}: {alias!r} is the model's own name")
                 if alias in seen:
-                    raise ValueError(f"name {alias!r} is used by {seen[alias]!r} and {name!r}")
-                seen[alias] = name
+                    raise ValueError(f"{where}: {alias!r} is already used by {seen[alias]}")
+                seen[alias] = where
         return self
 
     # -- lookups -----------------------------------------------------------------------

@@ -111,13 +111,11 @@ def _warm_up(base: str, key: str, model: str) -> None:
 
 
 def run_demo(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
-    from .cli import _port_taken, serve
+    from .cli import bind_problem, serve
 
-    if _port_taken(host, port):
-        print(
-            f"vllm-autoserve: {host}:{port} is already in use; choose another --port",
-            file=sys.stderr,
-        )
+    problem = bind_problem(host, port)
+    if problem:
+        print(f"vllm-autoserve: {problem}", file=sys.stderr)
         return 1
     if _has_gpu_vllm():
         config, model = gpu_demo_config()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -106,11 +107,12 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         send: Send,
-        client_gone: asyncio.Event,
+        gone: asyncio.Future[None],
         label: str,
     ) -> Forwarded:
         """Send the request upstream and stream the answer back; raises ``UpstreamUnavailable``
-        if nothing could be sent to the client yet."""
+        if nothing could be sent to the client yet. ``gone`` completes when the client
+        disconnects: the upstream request is then closed at once, answered or not."""
         url = upstream.url + path
         query_string = "&".join(
             part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
@@ -125,18 +127,34 @@ class Proxy:
         if upstream.api_key:
             out_headers.append(("Authorization", f"Bearer {upstream.api_key}"))
         result = Forwarded()
+        # A non-streamed answer only starts once generated: a client leaving before that
+        # must cancel the request too, or the engine generates for nobody.
+        request = asyncio.ensure_future(
+            self._request(method, URL(url, encoded=True), body, out_headers)
+        )
+        first: set[asyncio.Future[Any]] = {request, gone}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not request.done():
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+            result.client_gone = True
+            return result
         try:
-            response = await self._request(method, URL(url, encoded=True), body, out_headers)
+            response = request.result()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"upstream did not answer: {exc or type(exc).__name__}"
             ) from exc
-        watcher = asyncio.create_task(client_gone.wait())
-        watcher.add_done_callback(lambda _: response.close())
+
+        def close_upstream(_: object) -> None:
+            response.close()
+
+        gone.add_done_callback(close_upstream)
         try:
-            await self._relay(response, send, client_gone, result, label)
+            await self._relay(response, send, gone, result, label)
         finally:
-            watcher.cancel()
+            gone.remove_done_callback(close_upstream)
             response.release()
             if result.stream:
                 metrics.OPEN_STREAMS.labels(label).dec()
@@ -165,7 +183,7 @@ class Proxy:
         self,
         response: aiohttp.ClientResponse,
         send: Send,
-        client_gone: asyncio.Event,
+        gone: asyncio.Future[None],
         result: Forwarded,
         label: str,
     ) -> None:
@@ -180,7 +198,7 @@ class Proxy:
                 result.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            if client_gone.is_set():
+            if gone.done():
                 result.client_gone = True
                 return
             result.upstream_broke = True
@@ -204,7 +222,7 @@ class Proxy:
                         }
                     )
             return
-        if client_gone.is_set():
+        if gone.done():
             result.client_gone = True
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,15 +1,16 @@
 """The ``Pool`` state machine and the ``Pools`` registry the HTTP app talks to.
 
     cold ──► starting ──► healthy ──► stopping ──► cold
-                 │            │
-                 └──► failed ◄┘        (failed ──► starting again after a cooldown)
+                 │            │           ▲
+                 └──► failed ◄┘───────────┘   (failed ──► starting again after a cooldown;
+                                               failed ──► stopping on /down)
 
 All transitions go through ``Pool._move``, which checks ``_ALLOWED``. The event loop is the
 lock: a check and the move that follows it never have an ``await`` between them, so two
 callers can never both see ``cold`` and both start an engine.
 
 Requests and ``/up`` never read the state and act on it themselves: they call
-``acquire`` (hold until healthy) or ``up`` (start, optionally long-poll).
+``ensure_ready`` (hold until healthy) or ``up`` (start, optionally long-poll).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .. import metrics
 from ..config import Config, ModelConfig
@@ -37,8 +38,10 @@ _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
     PoolState.STARTING: frozenset({PoolState.HEALTHY, PoolState.FAILED, PoolState.STOPPING}),
     PoolState.HEALTHY: frozenset({PoolState.STOPPING, PoolState.FAILED, PoolState.COLD}),
     PoolState.STOPPING: frozenset({PoolState.COLD}),
-    PoolState.FAILED: frozenset({PoolState.STARTING, PoolState.COLD}),
+    PoolState.FAILED: frozenset({PoolState.STARTING, PoolState.STOPPING}),
 }
+# Stops the gateway makes on its own: they keep a pin and do not cut held requests short.
+_AUTOMATIC_STOPS = frozenset({"idle", "gateway shutdown", "evicted to free GPUs"})
 
 
 class IllegalTransition(RuntimeError):
@@ -66,6 +69,11 @@ class Pool(ABC):
         self._last_activity = time.monotonic()
         self._starting_since = 0.0
         self._pinned = False
+        self._downs = 0  # explicit /down calls: requests held across one give up
+        self._stop_task: asyncio.Task[None] | None = None
+        self._restart_after_stop = False
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last request in flight ends (GPU slots wait for idle engines)."""
 
     # -- what subclasses provide ----------------------------------------------------------
 
@@ -196,22 +204,30 @@ class Pool(ABC):
 
         From ``healthy``: at once. From ``cold`` (or ``failed`` past its cooldown): starts
         one engine and waits. From ``starting``/``stopping``: waits. From ``failed`` within
-        the cooldown: raises ``ModelFailed`` with the engine's error. Past ``timeout``:
-        raises ``ModelNotReady``.
+        the cooldown, or after a start this call waited for failed: raises ``ModelFailed``
+        with the engine's error. When ``/down`` stops the pool meanwhile, or past
+        ``timeout``: raises ``ModelNotReady``.
         """
         deadline = time.monotonic() + timeout
-        kicked = False
+        downs = self._downs
+        saw_start = False
         while True:
-            if self._state is PoolState.HEALTHY and self._upstream is not None:
+            state = self._state
+            if state is PoolState.HEALTHY and self._upstream is not None:
                 return self._upstream
-            if self._state is PoolState.FAILED and (kicked or self._cooldown_left() > 0):
+            if self._downs != downs:
+                raise ModelNotReady(
+                    f"[{self.name}] was stopped with /down while this request waited",
+                    retry_after=1.0,
+                )
+            if state is PoolState.FAILED and (saw_start or self._cooldown_left() > 0):
                 raise ModelFailed(
                     self._error or f"[{self.name}] engine failed",
                     retry_after=max(self._cooldown_left(), 1.0),
                 )
-            if self._state in (PoolState.COLD, PoolState.FAILED):
+            if state in (PoolState.COLD, PoolState.FAILED):
                 self._kick("request")
-                kicked = True
+            saw_start = saw_start or self._state is PoolState.STARTING
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelNotReady(
@@ -232,11 +248,16 @@ class Pool(ABC):
         finally:
             self._in_flight -= 1
             self._last_activity = time.monotonic()
+            if self._in_flight == 0 and self.on_idle is not None:
+                self.on_idle()
 
     async def up(self, wait: float) -> PoolStatus:
         """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed."""
         self._last_activity = time.monotonic()
-        if self._state is not PoolState.FAILED or self._cooldown_left() == 0:
+        if self._state is PoolState.STOPPING:
+            # Start again as soon as the stop under way is done.
+            self._restart_after_stop = True
+        elif self._state is not PoolState.FAILED or self._cooldown_left() == 0:
             self._kick("up")
         deadline = time.monotonic() + wait
         while self._state not in (PoolState.HEALTHY, PoolState.FAILED):
@@ -250,25 +271,41 @@ class Pool(ABC):
         return self.status()
 
     async def down(self, reason: str = "down") -> PoolStatus:
-        """Stop the engine (any state); a failed pool is reset to cold."""
-        if reason not in ("idle", "gateway shutdown"):
+        """Stop the engine (any state); a failed pool is reset to cold.
+
+        The stop runs as one task owned by the pool, so that a caller giving up (a cancelled
+        start that was evicting this pool for its GPUs, say) never leaves it half-stopped.
+        """
+        if reason not in _AUTOMATIC_STOPS:
             self._pinned = False
-        if self._state in (PoolState.STARTING, PoolState.HEALTHY):
+            self._downs += 1
+            self._restart_after_stop = False
+        if self._stop_task is None and self._state in (
+            PoolState.STARTING, PoolState.HEALTHY, PoolState.FAILED
+        ):
             self._move(PoolState.STOPPING, reason=reason)
+            self._stop_task = asyncio.create_task(self._stop(reason), name=f"stop {self.name}")
+        if self._stop_task is not None:
+            await asyncio.shield(self._stop_task)
+        return self.status()
+
+    async def _stop(self, reason: str) -> None:
+        try:
             task, self._start_task = self._start_task, None
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await self._terminate()
+            try:
+                await self._terminate()
+            except Exception:
+                log.exception("[%s] error while stopping the engine", self.name)
+        finally:
+            self._stop_task = None
             self._move(PoolState.COLD, reason=reason)
-        elif self._state is PoolState.STOPPING:
-            while self._state is PoolState.STOPPING:
-                await self._wait_change(1.0)
-        elif self._state is PoolState.FAILED:
-            await self._terminate()
-            self._move(PoolState.COLD, reason=reason)
-        return self.status()
+        if self._restart_after_stop:
+            self._restart_after_stop = False
+            self._kick("up")
 
     async def pin(self, count: int) -> None:
         """Keep ``count`` engines warm whatever the traffic (0 unpins). Locally one engine

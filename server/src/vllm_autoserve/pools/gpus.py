@@ -8,6 +8,7 @@ until GPUs are released (the held request gets its 503 at the hold deadline mean
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from ..engine import EngineFailed
+
+_RESCAN_SECONDS = 1.0
 
 
 class GpuHolder(Protocol):
@@ -102,8 +105,14 @@ class GpuSlots:
                 _, lru = min(idle, key=lambda pair: pair[0])
                 await lru.evict()
                 continue
+            # Wait for a release, or for a holder to go idle (then it can be evicted).
             self._released.clear()
-            await self._released.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), _RESCAN_SECONDS)
+
+    def wake(self) -> None:
+        """A holder went idle: starts waiting for GPUs look again."""
+        self._released.set()
 
     def release(self, name: str) -> None:
         if self._held.pop(name, None) is not None:

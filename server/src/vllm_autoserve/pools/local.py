@@ -60,6 +60,7 @@ class LocalPool(Pool):
         self._neighbours = neighbours
         self._engine: EngineProcess | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.on_idle = gpus.wake
 
     # -- launch ---------------------------------------------------------------------------
 

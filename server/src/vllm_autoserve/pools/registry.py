@@ -62,15 +62,15 @@ class Pools(ABC):
         return "static" if self.config.model(name).url else "local"
 
     def listing(self) -> list[ModelEntry]:
-        """Configured models, their aliases, and any other model with a pool."""
+        """Configured models, their aliases, and any other model that is running."""
         entries: list[ModelEntry] = []
         for name, model in self.config.models.items():
             entries.append(ModelEntry(id=name, root=name, created=self._created))
             entries.extend(
                 ModelEntry(id=a, root=name, created=self._created) for a in model.aliases
             )
-        for name in self._pools:
-            if name not in self.config.models:
+        for name, pool in self._pools.items():
+            if name not in self.config.models and pool.state is not PoolState.COLD:
                 entries.append(ModelEntry(id=name, root=name, created=self._created))
         return entries
 

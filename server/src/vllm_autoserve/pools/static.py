@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+from yarl import URL
 
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
@@ -15,6 +16,11 @@ from .base import Pool, PoolState, Upstream
 # A static upstream that refuses connections this long is reported failed (not held for the
 # whole startup deadline: nothing here can make it come up).
 _REACH_SECONDS = 10.0
+
+
+def _redact(text: str, url: str) -> str:
+    secret = URL(url).password
+    return text.replace(secret, "***") if secret else text
 
 
 class StaticPool(Pool):
@@ -30,6 +36,8 @@ class StaticPool(Pool):
         super().__init__(name, settings, config)
         assert settings.url is not None
         self.url = settings.url.rstrip("/")
+        # What messages show: never credentials written into the URL.
+        self.shown_url = str(URL(self.url).with_user(None))
         self._session = session
 
     async def _launch(self) -> Upstream:
@@ -40,7 +48,9 @@ class StaticPool(Pool):
             if not problem:
                 return Upstream(url=self.url, api_key=self.settings.api_key)
             await asyncio.sleep(0.25)
-        raise EngineFailed(f"[{self.name}] upstream {self.url} is not reachable: {problem}")
+        raise EngineFailed(
+            f"[{self.name}] upstream {self.shown_url} is not reachable: {_redact(problem, self.url)}"
+        )
 
     async def _check(self) -> str:
         """Empty when the upstream is up: ``/health`` 200, or no ``/health`` but ``/v1/models``."""

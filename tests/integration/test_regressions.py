@@ -1,0 +1,197 @@
+"""Regression tests: each docstring names the bug it guards against."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.integration.test_lifecycle import engine_starts, wait_for
+from tests.support.gateway import fake_model, running_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_cancelled_start_never_leaves_the_evicted_pool_stuck_stopping() -> None:
+    """A start evicting another pool for its GPU was cancelled (/down) mid-eviction: the
+    evicted pool stayed 'stopping' for good, holding its GPU; /down and SIGTERM hung."""
+    cfg = ("[gateway]\nlocal_gpus = 1\nstop_grace_seconds = 2\n"
+           + fake_model("a", "--ignore-sigterm", extra="gpu = 1")
+           + fake_model("b", extra="gpu = 1"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "a", "wait": 10}).json()["status"] == "healthy"
+        assert c.post("/up", json={"model_path": "b"}).json()["status"] == "pending"
+        time.sleep(0.3)  # b is now evicting a, which takes the 2 s grace
+        assert c.post("/down", json={"model_path": "b"}).json()["state"] == "cold"
+        wait_for(lambda: gw.status()["a"]["state"] == "cold", timeout=10)
+        assert gw.status()["a"]["gpus"] == []
+        assert c.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+
+
+def test_a_start_waiting_for_a_gpu_evicts_the_holder_as_soon_as_it_goes_idle() -> None:
+    """A start waiting for GPUs only woke on a release, not when the holder went idle, so it
+    waited for the holder's whole idle timeout."""
+    cfg = ("[gateway]\nlocal_gpus = 1\nhold_seconds = 20\n"
+           + fake_model("a", "--chunks", "15", "--chunk-delay", "0.2", extra="gpu = 1")
+           + fake_model("b", extra="gpu = 1"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "a", "wait": 10}).json()["status"] == "healthy"
+
+        def stream_a() -> None:
+            with gw.client() as own, own.stream(
+                "POST", "/v1/chat/completions", json={"model": "a", "stream": True, **CHAT}
+            ) as r:
+                r.read()
+
+        streamer = threading.Thread(target=stream_a)
+        streamer.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert c.post("/v1/chat/completions", json={"model": "b", **CHAT}).status_code == 200
+        streamer.join()
+        assert time.monotonic() - started < 8  # ~2.5 s of stream left, plus b's start
+
+
+def test_client_leaving_a_non_streamed_request_cancels_it_upstream() -> None:
+    """A client that disconnected before a non-streamed answer began was not noticed until
+    the engine had generated the whole answer."""
+    cfg = fake_model("slow", "--response-delay", "5")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "slow", "wait": 10}).json()["status"] == "healthy"
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/chat/completions", json={"model": "slow", **CHAT},
+                       headers=gw.headers, timeout=1)
+        port = _engine_port(gw)
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1,
+                 timeout=3)
+
+
+def test_down_while_a_request_is_held_makes_it_give_up_and_the_model_stays_down() -> None:
+    """/down during a held cold start answered 'cold', then the held request started the
+    model again at once."""
+    cfg = fake_model("m", "--startup-delay", "3")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        result: dict[str, httpx.Response] = {}
+        held = threading.Thread(target=lambda: result.setdefault(
+            "r", c.post("/v1/chat/completions", json={"model": "m", **CHAT})))
+        held.start()
+        wait_for(lambda: gw.status()["m"]["state"] == "starting")
+        with gw.client() as other:
+            assert other.post("/down", json={"model_path": "m"}).json()["state"] == "cold"
+        held.join()
+        assert result["r"].status_code == 503
+        assert result["r"].json()["error"]["code"] == "model_not_ready"
+        time.sleep(0.5)
+        assert gw.status()["m"]["state"] == "cold"
+
+
+def test_concurrent_requests_for_a_broken_model_start_it_once_even_without_cooldown() -> None:
+    """With failure_cooldown_seconds = 0 every held request restarted the broken engine."""
+    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
+           + fake_model("bad", "--startup-delay", "0.5", "--fail-at-start", "boom"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(
+            c.post("/v1/chat/completions", json={"model": "bad", **CHAT}).status_code))
+            for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [503] * 8
+        assert engine_starts(c, "bad") == 1
+
+
+def test_up_during_a_stop_starts_the_model_once_the_stop_is_done() -> None:
+    """/up (wait=0) while the pool was stopping answered 'pending' but never started it."""
+    cfg = "[gateway]\nstop_grace_seconds = 1\n" + fake_model("m", "--ignore-sigterm")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
+        stopper = threading.Thread(target=lambda: gw.client().post("/down", json={"model_path": "m"}))
+        stopper.start()
+        wait_for(lambda: gw.status()["m"]["state"] == "stopping")
+        assert c.post("/up", json={"model_path": "m"}).json()["status"] == "pending"
+        stopper.join()
+        wait_for(lambda: gw.status()["m"]["state"] == "healthy", timeout=15)
+
+
+def test_bodies_of_the_gateway_own_routes_are_limited_too() -> None:
+    """A huge body to /up was read whole into memory (only /v1/* had a size limit)."""
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        big = b'{"model_path": "m", "x": "' + b"a" * 2_000_000 + b'"}'
+        response = c.post("/up", content=big, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_odd_paths_are_refused_or_passed_on_as_sent() -> None:
+    """'/v1/%00' crashed the proxy with a 500 after starting the engine; '%20' reached the
+    engine as a malformed request line."""
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        bad = c.post("/v1/%00", json={"model": "m", **CHAT})
+        assert bad.status_code == 400
+        assert gw.status()["m"]["state"] == "cold"
+        spaced = c.post("/v1/no%20such%20route", json={"model": "m", **CHAT})
+        assert spaced.status_code == 404  # the engine's own answer for an unknown route
+
+
+def test_websocket_upgrades_are_refused_cleanly() -> None:
+    """A websocket upgrade got a 500 and an error in the log."""
+    with running_gateway(fake_model("m")) as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 13\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 403")
+        assert "Exception" not in gw.log()
+
+
+def test_down_of_an_unknown_model_does_not_add_it_to_the_model_list() -> None:
+    """/down with any valid name created a pool that /v1/models then listed for good."""
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        assert c.post("/down", json={"model_path": "someone/else"}).status_code == 200
+        ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert ids == ["m"]
+
+
+def test_drain_seconds_zero_does_not_make_sigterm_wait_forever() -> None:
+    """drain_seconds = 0 became uvicorn's 'no limit' and SIGTERM waited for open streams."""
+    cfg = "[gateway]\ndrain_seconds = 0\n" + fake_model("m", "--chunks", "500", "--chunk-delay", "0.1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "m", "stream": True, **CHAT}) as r:
+            next(r.iter_raw())
+            started = time.monotonic()
+            gw.process.terminate()
+            gw.process.wait(20)
+        assert time.monotonic() - started < 10
+
+
+def _engine_port(gateway) -> int:  # type: ignore[no-untyped-def]
+    import psutil
+
+    for pid in gateway.engine_pids():
+        cmd = psutil.Process(pid).cmdline()
+        if "--port" in cmd and "engine_guard" not in " ".join(cmd):
+            return int(cmd[cmd.index("--port") + 1])
+    raise AssertionError("no engine")
+
+
+def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:
+    """An unreachable `url = "http://user:secret@host"` showed the secret in /up, 503 bodies,
+    /status and the log."""
+    from tests.support.gateway import free_port
+
+    cfg = (f'[gateway]\nstartup_seconds = 1\n[models."s"]\n'
+           f'url = "http://svc:s3cr3t-token@127.0.0.1:{free_port()}"\n')
+    with running_gateway(cfg) as gw, gw.client() as c:
+        up = c.post("/up", json={"model_path": "s", "wait": 15}).json()
+        assert up["status"] == "failed" and "not reachable" in up["error"]
+        texts = [str(up), c.post("/v1/chat/completions", json={"model": "s", **CHAT}).text,
+                 c.get("/status").text, gw.log()]
+        assert not [t for t in texts if "s3cr3t-token" in t]
