@@ -187,7 +187,7 @@ def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:
     /status and the log."""
     from tests.support.gateway import free_port
 
-    cfg = (f'[gateway]\nstartup_seconds = 1\n[models."s"]\n'
+    cfg = (f'[gateway]\nstartup_seconds = 2\n[models."s"]\n'
            f'url = "http://svc:s3cr3t-token@127.0.0.1:{free_port()}"\n')
     with running_gateway(cfg) as gw, gw.client() as c:
         up = c.post("/up", json={"model_path": "s", "wait": 15}).json()

@@ -41,7 +41,7 @@ class StaticPool(Pool):
         self._session = session
 
     async def _launch(self) -> Upstream:
-        deadline = time.monotonic() + min(_REACH_SECONDS, self.startup_seconds)
+        deadline = time.monotonic() + min(_REACH_SECONDS, self.startup_seconds / 2)
         problem = "no answer"
         while time.monotonic() < deadline:
             problem = await self._check()
