@@ -61,3 +61,17 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         assert "[m] pool starting -> healthy (engine healthy)" in log
         assert re.search(r"\[bad\] pool starting -> failed \(engine failed\): \[bad\] engine "
                          r"exited prematurely", log)
+
+
+def test_json_logs_have_one_object_per_line_with_the_fields_as_keys() -> None:
+    import json
+
+    with running_gateway(fake_model("m"), args=["--log-format", "json"]) as gw, gw.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        time.sleep(0.2)
+        entries = [json.loads(line) for line in gw.log().splitlines() if line.startswith("{")]
+    access = [e for e in entries if e["logger"] == "vllm_autoserve.access"]
+    assert access and access[0]["model"] == "m" and access[0]["status"] == 200
+    assert {"duration", "held", "bytes_out", "route"} <= set(access[0])
+    changes = [e for e in entries if e["logger"] == "vllm_autoserve.pools"]
+    assert {"old": "cold", "new": "starting", "reason": "request"}.items() <= changes[0].items()

@@ -192,6 +192,17 @@ class GatewayApp:
                 held,
                 outcome.bytes_out,
                 " upstream_broke=1" if outcome.upstream_broke else "",
+                extra={
+                    "fields": {
+                        "model": model,
+                        "route": route,
+                        "status": int(status),
+                        "duration": round(elapsed, 6),
+                        "held": round(held, 6),
+                        "bytes_out": outcome.bytes_out,
+                        "upstream_broke": outcome.upstream_broke,
+                    }
+                },
             )
 
     async def _hold(self, pool: Pool, gone: asyncio.Future[None]) -> Upstream | None:

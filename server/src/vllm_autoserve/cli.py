@@ -22,6 +22,7 @@ from pathlib import Path
 from .auth import AUTH_ENV, ApiKeys, keys_from_env
 from .config import CONFIG_ENV, Config, load_config
 from .errors import ConfigError
+from .logs import setup_logging
 
 log = logging.getLogger("vllm_autoserve")
 
@@ -54,14 +55,6 @@ def _port(text: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1-65535)")
     return port
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str = "info") -> int:
@@ -162,16 +155,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Logging options go with every command: `vllm-autoserve serve --log-format json`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    common.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, with the fields as keys",
+    )
     parser = argparse.ArgumentParser(
         prog="vllm-autoserve",
         description="OpenAI-compatible gateway that starts vLLM engines on demand.",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the gateway with local engines")
+    p = sub.add_parser("serve", parents=[common], help="run the gateway with local engines")
     p.add_argument("--config", default=None, help=f"TOML file (default: ${CONFIG_ENV})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
@@ -180,13 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("check-config", help="validate a configuration file")
+    p = sub.add_parser("check-config", parents=[common], help="validate a configuration file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_check_config)
 
     engine = sub.add_parser("engine", help="manage local engine installs")
     engine_sub = engine.add_subparsers(dest="engine_command", required=True)
-    p = engine_sub.add_parser("install-cpu", help="provision vLLM's CPU build in its own venv")
+    p = engine_sub.add_parser(
+        "install-cpu",
+        parents=[common],
+        help="provision vLLM's CPU build in its own venv",
+    )
     p.add_argument(
         "--extra-index-url",
         default=None,
@@ -195,12 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="reinstall even if present")
     p.set_defaults(func=_cmd_install_cpu)
 
-    p = sub.add_parser("make-tiny-model", help="write a tiny random model vLLM can serve")
+    p = sub.add_parser(
+        "make-tiny-model", parents=[common], help="write a tiny random model vLLM can serve"
+    )
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny_model)
 
-    p = sub.add_parser("demo", help="a working endpoint on this machine in one command")
+    p = sub.add_parser(
+        "demo", parents=[common], help="a working endpoint on this machine in one command"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.set_defaults(func=_cmd_demo)
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     result: int = args.func(args)
     return result
 

@@ -140,6 +140,15 @@ class Pool(ABC):
             new.value,
             reason,
             f": {first_line[0]}" if first_line else "",
+            extra={
+                "fields": {
+                    "model": self.name,
+                    "old": old.value,
+                    "new": new.value,
+                    "reason": reason,
+                    "error": first_line[0] if first_line else None,
+                }
+            },
         )
         self._changed.set()
         self._changed = asyncio.Event()
@@ -281,7 +290,9 @@ class Pool(ABC):
             self._downs += 1
             self._restart_after_stop = False
         if self._stop_task is None and self._state in (
-            PoolState.STARTING, PoolState.HEALTHY, PoolState.FAILED
+            PoolState.STARTING,
+            PoolState.HEALTHY,
+            PoolState.FAILED,
         ):
             self._move(PoolState.STOPPING, reason=reason)
             self._stop_task = asyncio.create_task(self._stop(reason), name=f"stop {self.name}")
