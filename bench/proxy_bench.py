@@ -647,6 +647,8 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
         f"`loadgen.py` ({run.args.client} client) in its own process; saturation: "
         f"{res.get('saturation_tool', '—')}.\n"
     )
+    for name, why in res.get("failed", {}).items():
+        w(f"- **scenario {name} failed**: {why.splitlines()[0] if why else ''}")
     if run.skipped:
         for name, why in run.skipped.items():
             w(f"- **{name} skipped**: {why}")
@@ -919,16 +921,20 @@ def main() -> int:
         run.start()
         # Memory first, on processes that have only been warmed up (after the load
         # scenarios their allocators would already hold memory that streams could reuse).
-        if "memory" not in args.skip:
-            run.scenario_memory()
-        if "latency" not in args.skip:
-            run.scenario_latency()
-        if "saturation" not in args.skip:
-            run.scenario_saturation()
-        if "profile" not in args.skip:
-            run.scenario_profile()
-        if "cold" not in args.skip:
-            run.scenario_cold()
+        for name, scenario in (
+            ("memory", run.scenario_memory),
+            ("latency", run.scenario_latency),
+            ("saturation", run.scenario_saturation),
+            ("profile", run.scenario_profile),
+            ("cold", run.scenario_cold),
+        ):
+            if name in args.skip:
+                continue
+            try:
+                scenario()
+            except Exception as exc:  # keep what the other scenarios measured
+                run.log(f"{name} failed: {type(exc).__name__}: {exc}")
+                run.results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"
     finally:
         run.stop()
     text = render(run, command.strip(), started)

@@ -195,8 +195,10 @@ def start_gateway(
     env = {"VLLM_GATEWAY_AUTH": KEY}
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
-    argv = [sys.executable, "-m", "vllm_autoserve.cli", "--log-level", log_level, "serve"]
+    argv = [sys.executable, "-m", "vllm_autoserve.cli", "serve"]
     argv += ["--config", str(config), "--host", HOST, "--port", str(port)]
+    if log_level != "info":  # the default; older checkouts took it before ``serve``
+        argv += ["--log-level", log_level]
     proc = spawn(name, argv, workdir, env)
     proc.url = f"http://{HOST}:{port}"
     proc.key = KEY

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tests.support.gateway import Gateway
+from tests.support.waiting import wait_for
 from vllm_autoserve_client import AutoserveClient
 
 pytestmark = pytest.mark.e2e
@@ -30,15 +31,6 @@ def api_server_pid(gateway: Gateway, model: str) -> int:
             return pid
     raise AssertionError(f"no vLLM API server for {model}")
 
-
-def wait_for(predicate, timeout: float = 120.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def test_cold_start_through_the_client_then_chat_stream_and_completions(

@@ -10,6 +10,7 @@ import httpx
 import psutil
 
 from tests.support.gateway import fake_model, running_gateway
+from tests.support.waiting import wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -17,15 +18,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 def chat(client: httpx.Client, model: str, **extra: object) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": model, **CHAT, **extra})
 
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def engine_starts(gateway_client: httpx.Client, model: str) -> float:

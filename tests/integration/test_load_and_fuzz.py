@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,27 +15,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.fake_engine import FAKE_ENGINE
-from tests.support.gateway import TEST_KEY, Gateway, free_port, running_gateway
+from tests.support.gateway import TEST_KEY, Gateway, running_gateway
+from tests.support.waiting import standalone_fake_engine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FAKE_ENGINE), "--port", str(port),
-                             "--model", "up", "--chunks", "20", "--chunk-delay", "0.01"])
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait()
+    with standalone_fake_engine("--model", "up", "--chunks", "20", "--chunk-delay", "0.01") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,14 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.support.gateway import fake_model, free_port, running_gateway
+from tests.support.waiting import alive, engine_port, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
-def wait_for(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
-def alive(pids: list[int]) -> list[int]:
-    result = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                result.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return result
 
 
 def engine_pids(pid_file: Path) -> list[int]:
@@ -107,7 +88,7 @@ def test_client_disconnect_closes_the_upstream_request() -> None:
             next(chunks)
             next(chunks)
         closed_at = time.monotonic()
-        port = _engine_port(gw)
+        port = engine_port(gw)
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1,
                  timeout=5)
         assert time.monotonic() - closed_at < 2.0
@@ -173,13 +154,6 @@ def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
         big = c.post("/up", json={"model_path": "big", "wait": 5}).json()
         assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
 
-
-def _engine_port(gateway) -> int:  # type: ignore[no-untyped-def]
-    for pid in gateway.engine_pids():
-        cmd = psutil.Process(pid).cmdline()
-        if "--port" in cmd and "engine_guard" not in " ".join(cmd):
-            return int(cmd[cmd.index("--port") + 1])
-    raise AssertionError("no engine")
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

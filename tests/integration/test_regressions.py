@@ -9,8 +9,9 @@ import time
 import httpx
 import pytest
 
-from tests.integration.test_lifecycle import engine_starts, wait_for
+from tests.integration.test_lifecycle import engine_starts
 from tests.support.gateway import fake_model, running_gateway
+from tests.support.waiting import engine_port, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -64,7 +65,7 @@ def test_client_leaving_a_non_streamed_request_cancels_it_upstream() -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(gw.url + "/v1/chat/completions", json={"model": "slow", **CHAT},
                        headers=gw.headers, timeout=1)
-        port = _engine_port(gw)
+        port = engine_port(gw)
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1,
                  timeout=3)
 
@@ -171,15 +172,6 @@ def test_drain_seconds_zero_does_not_make_sigterm_wait_forever() -> None:
             gw.process.wait(20)
         assert time.monotonic() - started < 10
 
-
-def _engine_port(gateway) -> int:  # type: ignore[no-untyped-def]
-    import psutil
-
-    for pid in gateway.engine_pids():
-        cmd = psutil.Process(pid).cmdline()
-        if "--port" in cmd and "engine_guard" not in " ".join(cmd):
-            return int(cmd[cmd.index("--port") + 1])
-    raise AssertionError("no engine")
 
 
 def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:

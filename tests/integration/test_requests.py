@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.support.fake_engine import FAKE_ENGINE
-from tests.support.gateway import TEST_KEY, fake_model, free_port, running_gateway
+from tests.support.gateway import TEST_KEY, fake_model, running_gateway
+from tests.support.waiting import engine_port, standalone_fake_engine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -144,45 +143,21 @@ def test_gateway_key_is_never_forwarded_and_engine_requires_its_own(gateway) -> 
     with gateway.client() as c:
         assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
         assert c.post("/v1/embeddings", json={"model": "m", "input": "x"}).status_code == 200
-    argv = _engine_argv(gateway)
-    engine_port = int(argv[argv.index("--port") + 1])
-    stats = httpx.get(f"http://127.0.0.1:{engine_port}/stats").json()
+    port = engine_port(gateway)
+    stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
     assert stats["env_gateway_auth"] is None
     assert stats["auth_headers"]
     assert all(TEST_KEY not in h and h.startswith("Bearer ") for h in stats["auth_headers"])
     # Without the engine's key nothing on the host can use the engine.
-    direct = httpx.post(f"http://127.0.0.1:{engine_port}/v1/chat/completions",
+    direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                         json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {TEST_KEY}"})
     assert direct.status_code == 401
 
 
-def _engine_argv(gateway) -> list[str]:  # type: ignore[no-untyped-def]
-    import psutil
-
-    for pid in gateway.engine_pids():
-        cmd = psutil.Process(pid).cmdline()
-        if str(FAKE_ENGINE) in cmd and "engine_guard" not in " ".join(cmd):
-            return cmd[cmd.index(str(FAKE_ENGINE)):]
-    raise AssertionError("no engine running")
-
-
 @pytest.fixture
-def direct_engine():  # type: ignore[no-untyped-def]
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(FAKE_ENGINE), "--port", str(port), "--model", "up",
-                             "--chunks", "8", "--chunk-delay", "0.25"])
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait()
+def direct_engine() -> Iterator[str]:
+    with standalone_fake_engine("--model", "up", "--chunks", "8", "--chunk-delay", "0.25") as url:
+        yield url
 
 
 def test_streams_pass_through_byte_for_byte_and_chunk_by_chunk(direct_engine) -> None:  # type: ignore[no-untyped-def]

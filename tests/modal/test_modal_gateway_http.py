@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,8 +11,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.support.fake_engine import FAKE_ENGINE
 from tests.support.gateway import free_port
+from tests.support.waiting import standalone_fake_engine
 from vllm_autoserve.app import GatewayApp, create_app
 from vllm_autoserve.auth import ApiKeys
 from vllm_autoserve.config import parse_config
@@ -155,23 +151,8 @@ ENGINE_KEY_VALUE = "engine-only-key"
 @pytest.fixture
 def fake_engine() -> Iterator[str]:
     """The fake engine, requiring ``VLLM_API_KEY`` as vLLM does; its base URL."""
-    port = free_port()
-    env = {**os.environ, "VLLM_API_KEY": ENGINE_KEY_VALUE}
-    argv = [sys.executable, str(FAKE_ENGINE), "--port", str(port), "--model", MODEL]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with standalone_fake_engine("--model", MODEL, env={"VLLM_API_KEY": ENGINE_KEY_VALUE}) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_request_held_until_the_cold_model_is_healthy_then_proxied_to_the_fake_engine(
