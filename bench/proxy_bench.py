@@ -420,8 +420,7 @@ class Run:
                 "--duration",
                 str(seconds),
                 "--rate",
-                "200",
-                "--nonblocking",
+                "100",
                 "--format",
                 "raw",
                 "--output",
@@ -575,6 +574,8 @@ def summarise_profile(raw: str, top: int = 25) -> dict[str, Any]:
         own[frames[-1]] += count
         for name in set(frames):
             incl[name] += count
+    roots = ("runpy", "cli.py", "runners.py", "uvicorn/server.py", "_compat.py", "<module>")
+    incl = defaultdict(int, {k: v for k, v in incl.items() if not any(r in k for r in roots)})
     share = lambda d: sorted(((v / total, k) for k, v in d.items()), reverse=True)[:top]  # noqa: E731
     return {"samples": total, "self": share(own), "inclusive": share(incl)}
 
