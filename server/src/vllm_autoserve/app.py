@@ -164,11 +164,12 @@ class GatewayApp:
                 finally:
                     held = time.perf_counter() - held_from
                     if held > 0.001:
-                        metrics.HELD_SECONDS.labels(model).observe(held)
+                        metrics.child(metrics.HELD_SECONDS, model).observe(held)
                 if upstream is None:
                     outcome.client_gone = True
                     return
-                metrics.OVERHEAD_SECONDS.labels(route).observe(time.perf_counter() - started - held)
+                overhead = time.perf_counter() - started - held
+                metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
                     outcome = await self._forward(pool, upstream, scope, body, send, gone)
             finally:
@@ -181,8 +182,8 @@ class GatewayApp:
         finally:
             elapsed = time.perf_counter() - started
             status = str(outcome.status) if not outcome.client_gone else "499"
-            metrics.REQUESTS.labels(model, route, status).inc()
-            metrics.REQUEST_SECONDS.labels(model, route).observe(elapsed)
+            metrics.child(metrics.REQUESTS, model, route, status).inc()
+            metrics.child(metrics.REQUEST_SECONDS, model, route).observe(elapsed)
             access_log.info(
                 "model=%s route=%s status=%s duration=%.3f held=%.3f bytes_out=%d%s",
                 model,
@@ -230,7 +231,8 @@ class GatewayApp:
         gone: asyncio.Future[None],
     ) -> Forwarded:
         headers = scope["headers"]
-        metrics.IN_FLIGHT.labels(pool.name).inc()
+        in_flight = metrics.child(metrics.IN_FLIGHT, pool.name)
+        in_flight.inc()
         try:
             try:
                 result = await self.proxy.forward(
@@ -249,7 +251,7 @@ class GatewayApp:
                 raise
             return result
         finally:
-            metrics.IN_FLIGHT.labels(pool.name).dec()
+            in_flight.dec()
 
 
 async def _client_disconnect(receive: Receive) -> None:

@@ -26,7 +26,7 @@ LOG_TAIL_LINES = 60
 LOG_TAIL_CHARS = 4000
 _LOG_KEEP_LINES = 400
 _HEALTH_INTERVAL = 0.1
-_HEALTH_INTERVAL_MAX = 0.5
+_HEALTH_INTERVAL_MAX = 0.1  # an engine that is up waits at most this long to be seen
 # Never handed to an engine: the gateway's own keys and tokens meant for the gateway.
 _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -101,6 +104,13 @@ IN_FLIGHT = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set: ``labels()`` takes a lock
+    and builds its key on every call, which the per-request path need not pay."""
+    return metric.labels(*labels)
 
 
 def set_pool_state(model: str, state: str) -> None:

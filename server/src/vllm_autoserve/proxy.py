@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -44,6 +43,7 @@ _REQUEST_DROP = frozenset(
         "expect",
     }
 )
+_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
 _RESPONSE_DROP = frozenset(
     {
         b"connection",
@@ -114,15 +114,15 @@ class Proxy:
         if nothing could be sent to the client yet. ``gone`` completes when the client
         disconnects: the upstream request is then closed at once, answered or not."""
         url = upstream.url + path
-        query_string = "&".join(
-            part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
-        )
-        if query_string:
+        if query or upstream.params:
+            query_string = "&".join(
+                part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
+            )
             url += "?" + query_string
         out_headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in headers
-            if k.decode("latin-1").lower() not in _REQUEST_DROP
+            if k.lower() not in _REQUEST_DROP_BYTES
         ]
         if upstream.api_key:
             out_headers.append(("Authorization", f"Bearer {upstream.api_key}"))
@@ -132,20 +132,26 @@ class Proxy:
         request = asyncio.ensure_future(
             self._request(method, URL(url, encoded=True), body, out_headers)
         )
-        first: set[asyncio.Future[Any]] = {request, gone}
-        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        if not request.done():
+
+        def cancel_request(_: object) -> None:
             request.cancel()
-            with contextlib.suppress(BaseException):
-                await request
-            result.client_gone = True
-            return result
+
+        # A callback, not asyncio.wait(): that builds a waiter and two callbacks per call.
+        gone.add_done_callback(cancel_request)
         try:
-            response = request.result()
+            response = await request
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if request.cancelled() and gone.done() and not (task and task.cancelling()):
+                result.client_gone = True
+                return result
+            raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(
                 f"upstream did not answer: {exc or type(exc).__name__}"
             ) from exc
+        finally:
+            gone.remove_done_callback(cancel_request)
 
         def close_upstream(_: object) -> None:
             response.close()
@@ -157,7 +163,7 @@ class Proxy:
             gone.remove_done_callback(close_upstream)
             response.release()
             if result.stream:
-                metrics.OPEN_STREAMS.labels(label).dec()
+                metrics.child(metrics.OPEN_STREAMS, label).dec()
         return result
 
     async def _request(
@@ -191,7 +197,7 @@ class Proxy:
         raw = [(k, v) for k, v in response.raw_headers if k.lower() not in _RESPONSE_DROP]
         result.stream = response.content_type == "text/event-stream"
         if result.stream:
-            metrics.OPEN_STREAMS.labels(label).inc()
+            metrics.child(metrics.OPEN_STREAMS, label).inc()
         await send({"type": "http.response.start", "status": response.status, "headers": raw})
         try:
             async for chunk in response.content.iter_any():
