@@ -187,3 +187,11 @@ def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:
         texts = [str(up), c.post("/v1/chat/completions", json={"model": "s", **CHAT}).text,
                  c.get("/status").text, gw.log()]
         assert not [t for t in texts if "s3cr3t-token" in t]
+
+
+def test_up_accepts_json_sent_by_curl_d_without_a_content_type() -> None:
+    """`curl -d '{"model_path": ...}' /up` (form-urlencoded by default) was a 400."""
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        response = c.post("/up", content=b'{"model_path": "m", "wait": 10}',
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 200 and response.json()["status"] == "healthy"

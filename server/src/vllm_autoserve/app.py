@@ -108,6 +108,7 @@ class GatewayApp:
                 await send_bytes(send, error.status, error.body_bytes(), error.headers())
                 return
             receive = _replay(body, receive)
+            scope = _as_json(scope, body)
         await self.control(scope, receive, send)
 
     # -- lifespan -------------------------------------------------------------------------
@@ -268,6 +269,20 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return pending.pop() if pending else await receive()
 
     return replayed
+
+
+def _as_json(scope: Scope, body: bytes) -> Scope:
+    """A JSON body sent without its content type (``curl -d`` says form-urlencoded) is
+    taken as JSON, as the pass-through does."""
+    content_type = _header(scope, b"content-type") or b""
+    if not body or content_type.startswith(b"application/json"):
+        return scope
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return scope
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _raw_path(scope: Scope) -> str:
