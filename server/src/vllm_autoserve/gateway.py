@@ -238,8 +238,14 @@ Engine = ENGINE_CLASSES["Engine"]
 def gateway() -> GatewayApp:
     from .app import create_app
     from .auth import ApiKeys, keys_from_env
+    from .logs import setup_logging
     from .pools.modal import ModalPools
 
+    # Access and pool lines at INFO, as with `vllm-autoserve serve` (unless the runtime
+    # already set logging up).
+    if not logging.getLogger().handlers:
+        setup_logging("info")
+    logging.getLogger("vllm_autoserve").setLevel(logging.INFO)
     return create_app(ModalPools(GATEWAY_CONFIG), GATEWAY_CONFIG, ApiKeys(keys_from_env()))
 
 
