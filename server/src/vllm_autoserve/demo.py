@@ -74,7 +74,7 @@ Python:
   print(client.chat.completions.create(messages=[{{"role": "user", "content": "Hello"}}],
                                        max_tokens=20).choices[0].message.content)
 
-CLI:
+CLI (in a clone of the repository: `uv run autoserve ...`):
   export AUTOSERVE_BASE_URL={base}/v1 AUTOSERVE_API_KEY={key}
   autoserve status
   autoserve chat {model} "Hello"
