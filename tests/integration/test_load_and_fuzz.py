@@ -143,3 +143,32 @@ def test_gateway_log_never_contains_keys_or_bodies(gateway: Gateway) -> None:
     assert "wrong-key-123" not in log
     assert secret_prompt not in log
     assert "model=up route=/v1/chat/completions status=200" in log
+
+
+async def _dropped_streams(gw: Gateway, count: int) -> None:
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=gw.url, headers=gw.headers, timeout=30,
+                                 limits=limits) as client:
+        async def one() -> None:
+            async with client.stream("POST", "/v1/chat/completions",
+                                     json={"model": "long", "stream": True, **CHAT}) as r:
+                async for _ in r.aiter_raw():
+                    break
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_clients_dropping_streams_leave_nothing_behind() -> None:
+    """Every stream a client dropped kept its upstream response alive: aiohttp raises one
+    shared "Connection closed" exception whose traceback grew with each disconnect."""
+    with standalone_fake_engine("--model", "long", "--chunks", "400", "--chunk-delay", "0.05") as url, \
+            running_gateway(f'[models."long"]\nurl = "{url}"\n') as gw:
+        asyncio.run(_dropped_streams(gw, 300))  # warm-up: allocator arenas, pools
+        time.sleep(1)
+        baseline = rss_mib(gw)
+        for _ in range(6):
+            asyncio.run(_dropped_streams(gw, 250))
+        time.sleep(1)
+        grown = rss_mib(gw) - baseline
+        assert grown < 3, f"RSS grew {grown:.1f} MiB over 1,500 dropped streams"
+        assert gw.status()["long"]["in_flight"] == 0

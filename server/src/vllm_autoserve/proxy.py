@@ -154,6 +154,10 @@ class Proxy:
             gone.remove_done_callback(cancel_request)
 
         def close_upstream(_: object) -> None:
+            # A fresh exception for the reader first: aiohttp's close() would otherwise set
+            # its one shared "Connection closed" instance, whose traceback grows with every
+            # raise and keeps every response it was raised in alive (a leak per disconnect).
+            response.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
             response.close()
 
         gone.add_done_callback(close_upstream)
@@ -204,6 +208,7 @@ class Proxy:
                 result.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            exc.__traceback__ = None  # it may be a shared instance (see close_upstream)
             if gone.done():
                 result.client_gone = True
                 return
