@@ -155,12 +155,6 @@ class LocalPools(Pools):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.gpus = GpuSlots(detect_gpus(config.gateway.local_gpus))
-        self._http: aiohttp.ClientSession | None = None
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
-        return self._http
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:
@@ -176,8 +170,3 @@ class LocalPools(Pools):
 
     def _local_pools(self) -> list[GpuHolder]:
         return [pool for pool in self._pools.values() if isinstance(pool, LocalPool)]
-
-    async def close(self) -> None:
-        await super().close()
-        if self._http is not None:
-            await self._http.close()

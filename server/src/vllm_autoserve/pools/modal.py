@@ -28,8 +28,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import aiohttp
-
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..modal_layout import StateDict, boot_key, engine_key, failure_key
@@ -240,7 +238,6 @@ class ModalPools(Pools):
         self.engines = engines
         self._key: str | None = None
         self._key_lock = asyncio.Lock()
-        self._http: aiohttp.ClientSession | None = None
 
     async def engine_key(self) -> str:
         """The engines' API key, read (or created) once per gateway process."""
@@ -249,11 +246,6 @@ class ModalPools(Pools):
                 if self._key is None:
                     self._key = await engine_key(self.state)
         return self._key
-
-    def session(self) -> aiohttp.ClientSession:
-        if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession()
-        return self._http
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:
@@ -271,11 +263,6 @@ class ModalPools(Pools):
 
     def _create_backend_name(self, name: str) -> str:
         return "static" if self.config.model(name).url else "modal"
-
-    async def close(self) -> None:
-        await super().close()
-        if self._http is not None:
-            await self._http.close()
 
 
 def _entry(value: Any) -> tuple[str, float] | None:

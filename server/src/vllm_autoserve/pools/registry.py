@@ -7,6 +7,8 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 
+import aiohttp
+
 from ..config import Config, ModelConfig
 from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus
@@ -19,6 +21,7 @@ class Pools(ABC):
         self.config = config
         self._pools: dict[str, Pool] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
 
@@ -87,6 +90,14 @@ class Pools(ABC):
             *(pool.down("gateway shutdown") for pool in self._pools.values()),
             return_exceptions=True,
         )
+        if self._http is not None:
+            await self._http.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        """The pools' own HTTP session (health checks), apart from the proxy's."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession()
+        return self._http
 
     async def _reap_idle(self) -> None:
         interval = min(1.0, self._smallest_idle() / 4)
