@@ -25,8 +25,7 @@ log = logging.getLogger("vllm_autoserve.engine")
 LOG_TAIL_LINES = 60
 LOG_TAIL_CHARS = 4000
 _LOG_KEEP_LINES = 400
-_HEALTH_INTERVAL = 0.1
-_HEALTH_INTERVAL_MAX = 0.1  # an engine that is up waits at most this long to be seen
+_HEALTH_INTERVAL = 0.1  # an engine that is up waits at most this long to be seen
 # Never handed to an engine: the gateway's own keys and tokens meant for the gateway.
 _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
 
@@ -152,18 +151,19 @@ class EngineProcess:
     async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
         """Return once ``/health`` answers 200; raise ``EngineFailed`` if the process exits."""
         assert self._proc is not None
-        interval = _HEALTH_INTERVAL
-        while True:
-            if self._proc.returncode is not None:
-                await self._drain_output()
-                raise self.failure(f"engine exited prematurely with code {self._proc.returncode}")
-            if await self._health_ok(session):
-                return
-            exited = asyncio.create_task(self._proc.wait())
-            await asyncio.wait({exited}, timeout=interval)
-            if not exited.done():
-                exited.cancel()
-            interval = min(interval * 1.5, _HEALTH_INTERVAL_MAX)
+        exited = asyncio.create_task(self._proc.wait())
+        try:
+            while True:
+                if self._proc.returncode is not None:
+                    await self._drain_output()
+                    raise self.failure(
+                        f"engine exited prematurely with code {self._proc.returncode}"
+                    )
+                if await self._health_ok(session):
+                    return
+                await asyncio.wait({exited}, timeout=_HEALTH_INTERVAL)
+        finally:
+            exited.cancel()
 
     async def _health_ok(self, session: aiohttp.ClientSession) -> bool:
         try:

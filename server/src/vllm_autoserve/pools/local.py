@@ -119,7 +119,7 @@ class LocalPool(Pool):
         if self._engine is engine:
             await engine.stop()  # its leftover children
             self._gpus_slots.release(self.name)
-            self._engine_died(engine.failure(f"engine exited with code {code}").args[0])
+            self._engine_died(str(engine.failure(f"engine exited with code {code}")))
 
     async def _terminate(self) -> None:
         watcher, self._watcher = self._watcher, None
