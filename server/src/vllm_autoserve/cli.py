@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import gc
 import ipaddress
 import logging
 import math
@@ -62,7 +61,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
     """Run the gateway with the local backend until SIGINT/SIGTERM; stops every engine."""
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, tune_gc_for_serving
     from .pools.local import LocalPools
 
     problem = bind_problem(host, port)
@@ -84,12 +83,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         proxy_headers=False,  # nothing here reads the client's address
     )
     server = uvicorn.Server(uv_config)
-    # What is loaded by now lives as long as the process: keep it out of the cyclic
-    # collector's scans, and let the young generation grow before a collection (every
-    # proxied request allocates a few hundred short-lived objects).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(7000, 10, 10)
+    tune_gc_for_serving()
     log.info("gateway on http://%s:%d (auth %s)", host, port, "off" if keys.open else "on")
     server.run()
     return 0 if server.started else 1

@@ -58,6 +58,7 @@ GATEWAY_TARGET_INPUTS = 200  # above this, Modal adds gateway containers
 GATEWAY_PACKAGES = [  # the gateway's dependencies, pinned as in uv.lock
     "fastapi==0.165.0",
     "aiohttp==3.14.5",
+    "httptools==0.9.0",
     "orjson==3.13.0",
     "pydantic==2.14.4",
     "prometheus-client==0.26.0",
@@ -236,7 +237,7 @@ Engine = ENGINE_CLASSES["Engine"]
 )
 @modal.asgi_app(label=GATEWAY_LABEL)  # https://{workspace}-{environment}--gateway.modal.run
 def gateway() -> GatewayApp:
-    from .app import create_app
+    from .app import create_app, tune_gc_for_serving
     from .auth import ApiKeys, keys_from_env
     from .logs import setup_logging
     from .pools.modal import ModalPools
@@ -246,7 +247,9 @@ def gateway() -> GatewayApp:
     if not logging.getLogger().handlers:
         setup_logging("info")
     logging.getLogger("vllm_autoserve").setLevel(logging.INFO)
-    return create_app(ModalPools(GATEWAY_CONFIG), GATEWAY_CONFIG, ApiKeys(keys_from_env()))
+    app = create_app(ModalPools(GATEWAY_CONFIG), GATEWAY_CONFIG, ApiKeys(keys_from_env()))
+    tune_gc_for_serving()
+    return app
 
 
 # ## Smoke test of the deployment

@@ -1,49 +1,49 @@
 """Streaming pass-through of one request to one upstream.
 
-One pooled ``aiohttp`` session for the gateway's lifetime; bytes go through as they arrive
-(no re-encoding, no decompression, no buffering beyond the socket's); the gateway's own key
-is replaced by the engine's; when the client goes away the upstream connection is closed at
-once, which makes vLLM abort the generation.
+Pooled keep-alive connections (``upstream_http``) for the gateway's lifetime; bytes go
+through as they arrive (no re-encoding, no decompression, no buffering beyond the socket's);
+the gateway's own key is replaced by the engine's; when the client goes away the upstream
+connection is closed at once, which makes vLLM abort the generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from . import metrics
 from .asgi import Send
 from .errors import UpstreamUnavailable
 from .pools.base import Upstream
+from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
 log = logging.getLogger("vllm_autoserve.proxy")
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway sets itself.
 _REQUEST_DROP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "expect",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"expect",
     }
 )
-_REQUEST_DROP_BYTES = frozenset(name.encode() for name in _REQUEST_DROP)
 _RESPONSE_DROP = frozenset(
     {
         b"connection",
@@ -58,6 +58,7 @@ _RESPONSE_DROP = frozenset(
         b"server",
     }
 )
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
 _MAX_MODAL_REDIRECTS = 20  # 20 x 150 s: longer than any generation should take
@@ -74,28 +75,52 @@ class Forwarded:
     upstream_broke: bool = False
 
 
+@dataclass(frozen=True)
+class _Target:
+    """An upstream base URL taken apart once: where to connect and what to send."""
+
+    origin: Origin
+    host_header: bytes
+    path_prefix: str
+    credentials: bytes | None  # ``Authorization`` for ``user:password@`` in the URL
+    base: str  # scheme and authority, to resolve a redirect's ``Location`` against
+
+
+def _origin(url: SplitResult) -> Origin:
+    tls = url.scheme == "https"
+    return Origin(url.hostname or "", url.port or (443 if tls else 80), tls)
+
+
+@functools.lru_cache(maxsize=1024)
+def _target(base_url: str) -> _Target:
+    url = urlsplit(base_url)
+    origin = _origin(url)
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    if origin.port != (443 if origin.tls else 80):
+        host += f":{origin.port}"
+    credentials = None
+    if url.username is not None:
+        pair = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+        credentials = b"Basic " + base64.b64encode(pair)
+    return _Target(
+        origin=origin,
+        host_header=host.encode("idna"),
+        path_prefix=url.path,
+        credentials=credentials,
+        base=f"{url.scheme}://{host}",
+    )
+
+
 class Proxy:
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        # Generations can be long and silent; only connecting has a deadline.
+        self.connections = ConnectionPool(connect_timeout=10.0)
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            # Generations can be long and silent; only connecting has a deadline.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
+        """Nothing to open: connections are made on first use."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Proxy.open() was not awaited"
-        return self._session
+        self.connections.close()
 
     async def forward(
         self,
@@ -113,52 +138,38 @@ class Proxy:
         """Send the request upstream and stream the answer back; raises ``UpstreamUnavailable``
         if nothing could be sent to the client yet. ``gone`` completes when the client
         disconnects: the upstream request is then closed at once, answered or not."""
-        url = upstream.url + path
+        target = _target(upstream.url)
+        url = target.path_prefix + path
         if query or upstream.params:
-            query_string = "&".join(
+            url += "?" + "&".join(
                 part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
             )
-            url += "?" + query_string
-        out_headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers
-            if k.lower() not in _REQUEST_DROP_BYTES
+        lines = [
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), url.encode(), target.host_header)
         ]
-        if upstream.api_key:
-            out_headers.append(("Authorization", f"Bearer {upstream.api_key}"))
-        result = Forwarded()
-        # A non-streamed answer only starts once generated: a client leaving before that
-        # must cancel the request too, or the engine generates for nobody.
-        request = asyncio.ensure_future(
-            self._request(method, URL(url, encoded=True), body, out_headers)
+        lines.extend(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in headers
+            if name.lower() not in _REQUEST_DROP
         )
-
-        def cancel_request(_: object) -> None:
-            request.cancel()
-
-        # A callback, not asyncio.wait(): that builds a waiter and two callbacks per call.
-        gone.add_done_callback(cancel_request)
+        authorization = _authorization(upstream.api_key, target)
+        if authorization:
+            lines.append(b"Authorization: %s\r\n" % authorization)
+        if body or method in _BODY_METHODS:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        lines.append(body)
+        result = Forwarded()
         try:
-            response = await request
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if request.cancelled() and gone.done() and not (task and task.cancelling()):
+            response = await self._request(target, method, url, b"".join(lines), gone)
+        except UpstreamError as exc:
+            if gone.done():  # the client left first; the upstream was told by the close
                 result.client_gone = True
                 return result
-            raise
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise UpstreamUnavailable(
-                f"upstream did not answer: {exc or type(exc).__name__}"
-            ) from exc
-        finally:
-            gone.remove_done_callback(cancel_request)
+            raise UpstreamUnavailable(f"upstream did not answer: {exc}") from None
 
         def close_upstream(_: object) -> None:
-            # A fresh exception for the reader first: aiohttp's close() would otherwise set
-            # its one shared "Connection closed" instance, whose traceback grows with every
-            # raise and keeps every response it was raised in alive (a leak per disconnect).
-            response.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
-            response.close()
+            response.abort()
 
         gone.add_done_callback(close_upstream)
         try:
@@ -171,44 +182,49 @@ class Proxy:
         return result
 
     async def _request(
-        self, method: str, url: URL, body: bytes, headers: list[tuple[str, str]]
-    ) -> aiohttp.ClientResponse:
+        self, target: _Target, method: str, url: str, request: bytes, gone: asyncio.Future[None]
+    ) -> Response:
         """One upstream request; follows Modal's own 303s (a web call past 150 s is answered
         with a redirect to the same URL plus ``__modal_function_call_id``), nothing else."""
+        head_only = method == "HEAD"
         for _ in range(_MAX_MODAL_REDIRECTS):
-            response = await self.session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
+            response = await self.connections.send(
+                target.origin, request, head_only=head_only, gone=gone
             )
-            location = response.headers.get("Location", "")
-            if response.status != 303 or _MODAL_CALL_PARAM not in location:
+            if response.status != 303:
                 return response
-            target = url.join(URL(location, encoded=True))
-            if target.origin() != url.origin():
+            location = _header(response.headers, b"location")
+            if _MODAL_CALL_PARAM not in location:
                 return response
-            response.release()
-            method, url, body = "GET", target, b""
+            redirected = urlsplit(urljoin(target.base + url, location))
+            if _origin(redirected) != target.origin:  # elsewhere: the client's business
+                return response
+            response.abort()
+            url = redirected.path + (f"?{redirected.query}" if redirected.query else "")
+            request = _get_request(url, target, request)
+            head_only = False
         return response
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         send: Send,
         gone: asyncio.Future[None],
         result: Forwarded,
         label: str,
     ) -> None:
         result.status = response.status
-        raw = [(k, v) for k, v in response.raw_headers if k.lower() not in _RESPONSE_DROP]
-        result.stream = response.content_type == "text/event-stream"
+        raw = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
+        content_type = _header(response.headers, b"content-type")
+        result.stream = content_type.startswith("text/event-stream")
         if result.stream:
             metrics.child(metrics.OPEN_STREAMS, label).inc()
         await send({"type": "http.response.start", "status": response.status, "headers": raw})
         try:
-            async for chunk in response.content.iter_any():
+            while chunk := await response.read():
                 result.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            exc.__traceback__ = None  # it may be a shared instance (see close_upstream)
+        except UpstreamError as exc:
             if gone.done():
                 result.client_gone = True
                 return
@@ -237,3 +253,27 @@ class Proxy:
             result.client_gone = True
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _authorization(api_key: str | None, target: _Target) -> bytes | None:
+    """The engine's key (never the gateway's); else credentials written into the URL."""
+    if api_key:
+        value = b"Bearer " + api_key.encode("latin-1")
+        if b"\r" in value or b"\n" in value:  # a header break would be request smuggling
+            raise UpstreamUnavailable("the upstream API key contains a line break")
+        return value
+    return target.credentials
+
+
+def _get_request(url: str, target: _Target, previous: bytes) -> bytes:
+    """The GET that follows a Modal 303: the previous request's headers, without a body."""
+    head = previous.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    kept = [line for line in head if not line.lower().startswith(b"content-length:")]
+    return b"\r\n".join([b"GET %s HTTP/1.1" % url.encode(), *kept]) + b"\r\n\r\n"
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""

@@ -1,0 +1,377 @@
+"""The pass-through's HTTP/1.1 client: pooled keep-alive connections, one ``httptools``
+parser per connection, response bodies handed over as they arrive.
+
+Written for the hot path (bench/RESULTS.md: ``aiohttp``'s client cost ~100 µs of CPU per
+proxied request, this one ~20 µs), so it does only what the proxy needs: one request per
+connection at a time, no redirects, cookies, decompression or proxies. Health checks and
+everything else off the hot path keep using ``aiohttp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from dataclasses import dataclass
+from typing import NamedTuple, cast
+
+import httptools
+
+# A reader slower than its upstream: stop reading from the upstream socket above this much
+# buffered body, go on below a quarter of it (the kernel's buffers then hold the rest).
+_READ_HIGH_WATER = 256 * 1024
+_READ_LOW_WATER = _READ_HIGH_WATER // 4
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or broke off or garbled its answer."""
+
+
+class Origin(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class _Pending:
+    """Wakes the reader of a response; one per wait, created only when the reader waits."""
+
+    future: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+
+
+class Response:
+    """One upstream answer: ``status`` and ``headers`` once returned by
+    ``ConnectionPool.send``, then the body through ``read()``. Call ``release()`` when done
+    with it (the connection goes back to the pool if it can), or ``abort()`` to drop it."""
+
+    def __init__(self, connection: _Connection, head_only: bool) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.received = False  # any byte of the answer, interim 1xx included
+        self.complete = False
+        self.keep_alive = False
+        self._connection = connection
+        self._head_only = head_only
+        self._interim = False
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: UpstreamError | None = None
+        self._pending = _Pending()
+
+    # -- what the connection's parser feeds -----------------------------------------------
+
+    def _on_headers(self, status: int, keep_alive: bool) -> None:
+        if 100 <= status < 200:  # interim (e.g. 100 Continue): the real answer follows
+            self.headers = []
+            self._interim = True
+            return
+        self.status = status
+        self.keep_alive = keep_alive and not self._head_only
+        if not self._started.done():
+            self._started.set_result(None)
+        if self._head_only:  # a HEAD answer has headers only, whatever they announce
+            self._finish()
+
+    def _on_body(self, chunk: bytes) -> None:
+        if self.complete:
+            return
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > _READ_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._connection.pause_reading()
+        self._pending.wake()
+
+    def _on_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._finish()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._connection.response_done(self)
+        self._pending.wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.complete or self._error is not None:
+            return
+        self._error = error
+        if not self._started.done():
+            self._started.set_exception(error)
+            self._started.exception()  # retrieved: a failed start is reported by send()
+        self._pending.wake()
+
+    # -- what the proxy calls -------------------------------------------------------------
+
+    async def wait_started(self) -> None:
+        await self._started
+
+    async def read(self) -> bytes:
+        """The body bytes that have arrived since the last call (waiting for some if none
+        have); ``b""`` at the end. Raises ``UpstreamError`` if the answer broke off."""
+        while not self._chunks:
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._pending.future = asyncio.get_running_loop().create_future()
+            try:
+                await self._pending.future
+            finally:
+                self._pending.future = None
+        chunk = self._chunks.popleft() if len(self._chunks) == 1 else self._take_all()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < _READ_LOW_WATER:
+            self._paused = False
+            self._connection.resume_reading()
+        return chunk
+
+    def _take_all(self) -> bytes:
+        chunk = b"".join(self._chunks)
+        self._chunks.clear()
+        return chunk
+
+    def release(self) -> None:
+        """Done with the answer: a complete keep-alive answer frees its connection for the
+        next request; anything else closes it (an unread body cannot be skipped cheaply)."""
+        if self._paused:
+            self._paused = False
+            self._connection.resume_reading()
+        self._connection.finish(reusable=self.complete and self.keep_alive)
+
+    def abort(self) -> None:
+        """Drop the answer and its connection now (the upstream sees the connection close)."""
+        self._fail(UpstreamError("aborted"))
+        self._connection.finish(reusable=False)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; carries at most one request at a time."""
+
+    def __init__(self, pool: ConnectionPool, origin: Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: Response | None = None
+
+    def start(self, response: Response, request: bytes) -> None:
+        assert self._transport is not None
+        self._response = response
+        self._transport.write(request)
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def response_done(self, response: Response) -> None:
+        if self._response is response:
+            self._response = None
+
+    def finish(self, reusable: bool) -> None:
+        self._response = None
+        if reusable and not self.closed:
+            self.pool.put_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._transport is not None:
+                self._transport.abort()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        response.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._broken(UpstreamError("upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._broken(UpstreamError(f"upstream sent invalid HTTP: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        response = self._response
+        self._response = None
+        if response is None or response.complete:
+            return
+        if response.status and _ends_at_close(response.headers):
+            response._finish()  # a body delimited by the end of the connection
+            return
+        reason = f": {exc}" if exc else ""
+        response._fail(UpstreamError(f"upstream {self.origin} closed the connection{reason}"))
+
+    def _broken(self, error: UpstreamError) -> None:
+        response = self._response
+        self.close()
+        if response is not None:
+            response._fail(error)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._response is not None:
+            status = self._parser.get_status_code()
+            self._response._on_headers(status, self._parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None:
+            self._response._on_complete()
+
+
+def _ends_at_close(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when neither a length nor chunked framing was announced (HTTP/1.0 style)."""
+    for name, _ in headers:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            return False
+    return True
+
+
+class ConnectionPool:
+    """Keep-alive connections per origin, most recently used first."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        idle_seconds: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.connect_timeout = connect_timeout
+        self.idle_seconds = idle_seconds
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._tls = tls  # the system's trusted CAs unless given
+
+    async def send(
+        self,
+        origin: Origin,
+        request: bytes,
+        *,
+        head_only: bool = False,
+        gone: asyncio.Future[None] | None = None,
+    ) -> Response:
+        """Writes ``request`` (head and body, already encoded) and returns the answer once
+        its headers are in. When ``gone`` completes first, the connection is dropped at
+        once and ``UpstreamError`` raised. A reused connection that the upstream had
+        already closed (it answered nothing at all) is retried once on a new connection:
+        the upstream never saw the request."""
+        for attempt in range(2):
+            connection = self._idle_connection(origin) or await self._connect(origin)
+            response = Response(connection, head_only)
+
+            def drop(_: object, response: Response = response) -> None:
+                response.abort()
+
+            if gone is not None:
+                gone.add_done_callback(drop)
+            connection.start(response, request)
+            try:
+                await response.wait_started()
+                return response
+            except UpstreamError:
+                connection.close()
+                stale = connection.reused and not response.received
+                if attempt == 0 and stale and not (gone is not None and gone.done()):
+                    continue
+                raise
+            except BaseException:
+                response.abort()
+                raise
+            finally:
+                if gone is not None:
+                    gone.remove_done_callback(drop)
+        raise AssertionError("unreachable")
+
+    def put_back(self, connection: _Connection) -> None:
+        connection.reused = True
+        connection.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle.setdefault(connection.origin, [])
+        idle.append(connection)
+        # The oldest are at the front: close those idle for too long (the upstream would).
+        while idle and connection.idle_since - idle[0].idle_since > self.idle_seconds:
+            idle.pop(0).close()
+
+    def forget(self, connection: _Connection) -> None:
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < self.idle_seconds:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls = self._tls_context() if origin.tls else None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                f"connecting to {origin} timed out after {self.connect_timeout:g} s"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamError(f"cannot connect to {origin}: {exc}") from exc
+        return connection
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls

@@ -1,0 +1,260 @@
+"""The pass-through's HTTP/1.1 client against small real servers that answer with exact
+bytes: keep-alive reuse, framings, broken answers, back-pressure, cancellation, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import trustme
+
+from vllm_autoserve.upstream_http import ConnectionPool, Origin, Response, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
+POST = b"POST /v1/x HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@dataclass
+class Server:
+    port: int = 0
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def read_request(reader: asyncio.StreamReader, server: Server) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    request = head + await reader.readexactly(length)
+    server.requests.append(request)
+    server.asked.set()
+    return request
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
+    server = Server()
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server.connections += 1
+        try:
+            await handler(reader, writer, server)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            server.closed.set()
+            writer.close()
+
+    listener = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=tls)
+    server.port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        yield server
+
+
+def origin(server: Server, tls: bool = False) -> Origin:
+    return Origin("127.0.0.1" if not tls else "localhost", server.port, tls)
+
+
+async def body_of(response: Response) -> bytes:
+    parts = []
+    while chunk := await response.read():
+        parts.append(chunk)
+    response.release()
+    return b"".join(parts)
+
+
+async def keep_alive_ok(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+) -> None:
+    while True:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Test: yes\r\n\r\nhello")
+        await writer.drain()
+
+
+async def test_answers_and_reuses_one_keep_alive_connection() -> None:
+    pool = ConnectionPool()
+    async with serving(keep_alive_ok) as server:
+        for _ in range(3):
+            response = await pool.send(origin(server), POST)
+            assert response.status == 200
+            assert (b"X-Test", b"yes") in response.headers
+            assert await body_of(response) == b"hello"
+    pool.close()
+    assert server.connections == 1
+    assert server.requests == [POST] * 3
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_replaced_transparently() -> None:
+    async def one_answer_then_close(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        # The answer said keep-alive; close as an idle timeout would, without telling.
+
+    pool = ConnectionPool()
+    async with serving(one_answer_then_close) as server:
+        assert await body_of(await pool.send(origin(server), POST)) == b"ok"
+        await server.closed.wait()
+        assert await body_of(await pool.send(origin(server), POST)) == b"ok"
+    pool.close()
+    assert server.connections == 2
+    assert len(server.requests) == 2  # the second request was sent once, not twice
+
+
+@pytest.mark.parametrize(
+    "answer, body",
+    [
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"abcde",
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end", b"until the end"),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nnew",
+            b"new",
+        ),
+    ],
+    ids=["chunked", "ends-at-close", "interim-100"],
+)
+async def test_framings(answer: bytes, body: bytes) -> None:
+    async def answer_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(answer)
+        await writer.drain()
+
+    pool = ConnectionPool()
+    async with serving(answer_once) as server:
+        response = await pool.send(origin(server), POST)
+        assert await body_of(response) == body
+    pool.close()
+
+
+async def test_head_answer_ends_after_its_headers() -> None:
+    async def head(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # keeps the connection open: the answer must not wait for a body
+
+    pool = ConnectionPool()
+    async with serving(head) as server:
+        request = b"HEAD /v1/x HTTP/1.1\r\nHost: test\r\n\r\n"
+        response = await pool.send(origin(server), request, head_only=True)
+        assert await asyncio.wait_for(body_of(response), 2) == b""
+    pool.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"this is not HTTP at all\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly some",
+    ],
+    ids=["garbage", "cut-short"],
+)
+async def test_a_broken_answer_is_an_upstream_error(answer: bytes) -> None:
+    async def broken(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(answer)
+        await writer.drain()
+
+    pool = ConnectionPool()
+    async with serving(broken) as server:
+        with pytest.raises(UpstreamError):
+            await body_of(await pool.send(origin(server), POST))
+    pool.close()
+
+
+async def test_refused_connection_names_the_upstream() -> None:
+    async with serving(keep_alive_ok) as server:
+        port = server.port
+    with pytest.raises(UpstreamError, match=f"127.0.0.1:{port}"):
+        await ConnectionPool().send(Origin("127.0.0.1", port, False), POST)
+
+
+async def test_client_leaving_closes_the_upstream_connection_before_any_answer() -> None:
+    async def silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        await reader.read()  # returns when the gateway side closes
+
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    pool = ConnectionPool()
+    async with serving(silent) as server:
+        sent = asyncio.ensure_future(pool.send(origin(server), POST, gone=gone))
+        await asyncio.wait_for(server.asked.wait(), 2)
+        gone.set_result(None)
+        with pytest.raises(UpstreamError):
+            await sent
+        await asyncio.wait_for(server.closed.wait(), 2)
+
+
+async def test_a_slow_reader_holds_the_upstream_back_instead_of_buffering_everything() -> None:
+    total = 32 * 1024 * 1024
+    sent = 0
+
+    async def firehose(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        nonlocal sent
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        while sent < total:
+            writer.write(block)
+            await writer.drain()
+            sent += len(block)
+
+    pool = ConnectionPool()
+    async with serving(firehose) as server:
+        response = await pool.send(origin(server), POST)
+        await asyncio.sleep(0.5)  # not reading: the upstream must stall well short of the end
+        assert sent < total / 2
+        received = len(await body_of(response))
+    pool.close()
+    assert received == total
+
+
+@pytest.fixture(scope="module")
+def tls_pair() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return server_context, client_context
+
+
+async def test_https_upstream(tls_pair: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server_context, client_context = tls_pair
+    pool = ConnectionPool(tls=client_context)
+    async with serving(keep_alive_ok, tls=server_context) as server:
+        assert await body_of(await pool.send(origin(server, tls=True), POST)) == b"hello"
+    pool.close()
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_refused(
+    tls_pair: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_context, _ = tls_pair
+    async with serving(keep_alive_ok, tls=server_context) as server:
+        with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
+            await ConnectionPool().send(origin(server, tls=True), POST)
