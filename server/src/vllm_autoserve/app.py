@@ -25,7 +25,7 @@ from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
 from .errors import BadRequest, GatewayError, Unauthorized
-from .inbound import ClientGone, model_of, read_body
+from .inbound import ClientGone, DisconnectWatch, model_of, read_body
 from .pools.base import Pool, PoolState, Upstream
 from .pools.registry import Pools
 from .proxy import Forwarded, Proxy
@@ -51,6 +51,8 @@ _KNOWN_ROUTES = frozenset(
     }
 )
 _CONTROL_BODY_LIMIT = 64 * 1024
+# Watch for the client leaving only once a request lasts this long (see DisconnectWatch).
+_WATCH_AFTER_SECONDS = 0.02
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _HEALTH_BODY = orjson.dumps({"status": "ok"})
 _JSON = [(b"content-type", b"application/json")]
@@ -158,11 +160,12 @@ class GatewayApp:
             if model != requested and data is not None:
                 body = _rename_model(body, model)
             pool = self.pools.get(model)
-            gone = asyncio.ensure_future(_client_disconnect(receive))
+            watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
+            gone = watch.gone
             try:
                 held_from = time.perf_counter()
                 try:
-                    upstream = await self._hold(pool, gone)
+                    upstream = await self._hold(pool, watch)
                 finally:
                     held = time.perf_counter() - held_from
                     if held > 0.001:
@@ -175,7 +178,7 @@ class GatewayApp:
                 with pool.lease():
                     outcome = await self._forward(pool, upstream, scope, body, send, gone)
             finally:
-                gone.cancel()
+                watch.stop()
         except ClientGone:
             outcome.client_gone = True
         except GatewayError as error:
@@ -208,13 +211,14 @@ class GatewayApp:
                 },
             )
 
-    async def _hold(self, pool: Pool, gone: asyncio.Future[None]) -> Upstream | None:
+    async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
         """The pool's upstream, holding the request while it starts; None if the client left."""
         hold = self.config.gateway.hold_seconds
         if pool.state is PoolState.HEALTHY:
             return await pool.ensure_ready(hold)
+        watch.start()
         ready = asyncio.create_task(pool.ensure_ready(hold))
-        first: set[asyncio.Future[Any]] = {ready, gone}
+        first: set[asyncio.Future[Any]] = {ready, watch.gone}
         await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():
             ready.cancel()
@@ -232,34 +236,21 @@ class GatewayApp:
         send: Send,
         gone: asyncio.Future[None],
     ) -> Forwarded:
-        headers = scope["headers"]
-        in_flight = metrics.child(metrics.IN_FLIGHT, pool.name)
-        in_flight.inc()
         try:
-            try:
-                result = await self.proxy.forward(
-                    upstream,
-                    method=scope["method"],
-                    path=_raw_path(scope),
-                    query=scope["query_string"],
-                    headers=headers,
-                    body=body,
-                    send=send,
-                    gone=gone,
-                    label=pool.name,
-                )
-            except GatewayError:
-                pool.report_unreachable()
-                raise
-            return result
-        finally:
-            in_flight.dec()
-
-
-async def _client_disconnect(receive: Receive) -> None:
-    """Returns when the client disconnects (the body has been read already)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+            return await self.proxy.forward(
+                upstream,
+                method=scope["method"],
+                path=_raw_path(scope),
+                query=scope["query_string"],
+                headers=scope["headers"],
+                body=body,
+                send=send,
+                gone=gone,
+                label=pool.name,
+            )
+        except GatewayError:
+            pool.report_unreachable()
+            raise
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

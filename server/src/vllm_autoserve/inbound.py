@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -13,6 +14,40 @@ from .errors import BadRequest, PayloadTooLarge
 
 class ClientGone(Exception):
     """The client disconnected before its request body was complete."""
+
+
+class DisconnectWatch:
+    """``gone`` completes when the client disconnects (its body already read).
+
+    Watching takes a task per request, a tenth of the gateway's CPU for a quick answer, so
+    it starts only once the request has lasted ``after`` seconds, or at once by ``start()``
+    (a held request). A client that leaves sooner is noticed that much later; a generation
+    lasts far longer than that."""
+
+    __slots__ = ("_receive", "_task", "_timer", "gone")
+
+    def __init__(self, receive: Receive, after: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.gone: asyncio.Future[None] = loop.create_future()
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._timer = loop.call_later(after, self.start)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._timer.cancel()
+            self._task = asyncio.ensure_future(self._watch())
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self.gone.done():
+            self.gone.set_result(None)
 
 
 async def read_body(receive: Receive, limit: int, content_length: bytes | None) -> bytes:

@@ -74,6 +74,8 @@ class Pool(ABC):
         self._restart_after_stop = False
         self.on_idle: Callable[[], None] | None = None
         """Called when the last request in flight ends (GPU slots wait for idle engines)."""
+        # Read when scraped: no gauge update per request.
+        metrics.child(metrics.IN_FLIGHT, name).set_function(lambda: self._in_flight)
 
     # -- what subclasses provide ----------------------------------------------------------
 
