@@ -75,3 +75,19 @@ def test_json_logs_have_one_object_per_line_with_the_fields_as_keys() -> None:
     assert {"duration", "held", "bytes_out", "route"} <= set(access[0])
     changes = [e for e in entries if e["logger"] == "vllm_autoserve.pools"]
     assert {"old": "cold", "new": "starting", "reason": "request"}.items() <= changes[0].items()
+
+
+def test_in_flight_and_open_stream_gauges_count_a_live_stream() -> None:
+    cfg = fake_model("m", "--chunks", "50", "--chunk-delay", "0.05")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "m", "stream": True, **CHAT}) as r:
+            chunks = r.iter_bytes()  # kept: a dropped iterator would close the stream
+            next(chunks)
+            during = c.get("/metrics").text
+        time.sleep(0.2)
+        after = c.get("/metrics").text
+    assert metric(during, "autoserve_requests_in_flight", model="m") == 1
+    assert metric(during, "autoserve_open_streams", model="m") == 1
+    assert metric(after, "autoserve_requests_in_flight", model="m") == 0
+    assert metric(after, "autoserve_open_streams", model="m") == 0
