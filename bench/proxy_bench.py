@@ -725,13 +725,9 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
 
     # verdicts
     w("### Budget verdicts (gateway vs direct, same run)\n")
-    w(
-        "| budget | limit | gateway | "
-        + " | ".join(t for t in names if t not in ("direct", "gateway"))
-        + " | verdict (gateway) |"
-    )
-    w("|---|---|---|" + "---|" * len([t for t in names if t not in ("direct", "gateway")]) + "---|")
     peers = [t for t in names if t not in ("direct", "gateway")]
+    w("| budget | limit | gateway | " + "".join(f"{t} | " for t in peers) + "verdict (gateway) |")
+    w("|---|---|---|" + "---|" * len(peers) + "---|")
 
     def ratio(scen: str, key: str, t: str) -> float:
         d, g = sc[scen].get("direct", {}).get(key), sc[scen].get(t, {}).get(key)

@@ -26,11 +26,11 @@ from .config import Config
 from .control import create_control_app
 from .errors import BadRequest, GatewayError, Unauthorized
 from .inbound import ClientGone, DisconnectWatch, model_of, read_body
+from .logs import AccessEntry, AccessLog
 from .pools.base import Pool, PoolState, Upstream
 from .pools.registry import Pools
 from .proxy import Forwarded, Proxy
 
-access_log = logging.getLogger("vllm_autoserve.access")
 log = logging.getLogger("vllm_autoserve.app")
 
 _CONTROL_PATHS = frozenset({"/v1/up", "/v1/down", "/v1/status", "/v1/models"})
@@ -66,6 +66,7 @@ class GatewayApp:
         self.config = config
         self.keys = keys
         self.proxy = Proxy()
+        self.access = AccessLog()
         self.control: ASGIApp = create_control_app(pools, config)
         self._public = {"/health", *config.gateway.public_routes}
         if "/status" in self._public:
@@ -189,26 +190,17 @@ class GatewayApp:
             status = str(outcome.status) if not outcome.client_gone else "499"
             metrics.child(metrics.REQUESTS, model, route, status).inc()
             metrics.child(metrics.REQUEST_SECONDS, model, route).observe(elapsed)
-            access_log.info(
-                "model=%s route=%s status=%s duration=%.3f held=%.3f bytes_out=%d%s",
-                model,
-                path if route != "other" else "other",
-                status,
-                elapsed,
-                held,
-                outcome.bytes_out,
-                " upstream_broke=1" if outcome.upstream_broke else "",
-                extra={
-                    "fields": {
-                        "model": model,
-                        "route": route,
-                        "status": int(status),
-                        "duration": round(elapsed, 6),
-                        "held": round(held, 6),
-                        "bytes_out": outcome.bytes_out,
-                        "upstream_broke": outcome.upstream_broke,
-                    }
-                },
+            self.access.write(
+                AccessEntry(
+                    created=time.time(),
+                    model=model,
+                    route=route,
+                    status=int(status),
+                    duration=elapsed,
+                    held=held,
+                    bytes_out=outcome.bytes_out,
+                    upstream_broke=outcome.upstream_broke,
+                )
             )
 
     async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
