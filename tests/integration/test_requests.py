@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
-from tests.support.gateway import TEST_KEY, fake_model, running_gateway
-from tests.support.waiting import engine_port, standalone_fake_engine
+from tests.support.fake_engine import FAKE_ENGINE
+from tests.support.gateway import TEST_KEY, fake_model, free_port, running_gateway
+from tests.support.waiting import engine_port, standalone_fake_engine, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -185,3 +192,46 @@ def test_modal_style_303_from_the_upstream_is_followed_not_passed_on() -> None:
         response = c.post("/v1/chat/completions", json={"model": "slow-call", **CHAT})
         assert response.status_code == 200
         assert response.json()["id"] == "cmpl-redirected"
+
+
+def test_https_static_upstream_gets_the_engine_key_and_streams(tmp_path: Path) -> None:
+    """`url = "https://..."` (a remote engine, or Modal's web URLs): TLS verified against the
+    system's trusted CAs (here SSL_CERT_FILE), SNI and Host by name, the engine's own key."""
+    ca = trustme.CA()
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(tmp_path / "tls.pem")
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    trust = {"SSL_CERT_FILE": str(tmp_path / "ca.pem")}
+    port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, str(FAKE_ENGINE), "--port", str(port), "--model", "tls",
+         "--tls-cert", str(tmp_path / "tls.pem")],
+        env={**os.environ, "VLLM_API_KEY": "engine-key"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"https://localhost:{port}"
+    try:
+        verify = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        wait_for(lambda: _answers(url + "/health", verify), timeout=20, interval=0.05)
+        cfg = f'[models."tls"]\nurl = "{url}"\napi_key = "engine-key"\n'
+        with running_gateway(cfg, env=trust) as gw, gw.client() as c:
+            answer = c.post("/v1/chat/completions", json={"model": "tls", **CHAT})
+            assert answer.status_code == 200, answer.text
+            with c.stream("POST", "/v1/chat/completions",
+                          json={"model": "tls", "stream": True, **CHAT}) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "data: [DONE]" and len(events) > 2
+        # Without the CA the upstream is not trusted: a clear failure, not a hang.
+        with running_gateway(cfg + "startup_seconds = 4\n") as untrusting, untrusting.client() as c:
+            refused = c.post("/v1/chat/completions", json={"model": "tls", **CHAT})
+            assert refused.status_code == 503
+            assert "CERTIFICATE_VERIFY_FAILED" in refused.json()["error"]["message"]
+    finally:
+        engine.terminate()
+        engine.wait(10)
+
+
+def _answers(url: str, verify: ssl.SSLContext) -> bool:
+    try:
+        return httpx.get(url, verify=verify, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

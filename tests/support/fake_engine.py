@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -232,6 +233,8 @@ def main() -> None:
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
     parser.add_argument("--pid-file", default=None)
+    parser.add_argument("--tls-cert", default=None,
+                        help="serve HTTPS with this PEM file (key and certificate chain)")
     args = parser.parse_args()
 
     print(f"fake engine starting on port {args.port}", flush=True)
@@ -262,8 +265,13 @@ def main() -> None:
     app.router.add_post("/v1/completions", engine.completions)
     app.router.add_post("/v1/embeddings", engine.embeddings)
     print("fake engine ready", flush=True)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert)
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=not args.ignore_sigterm, handler_cancellation=True)
+                handle_signals=not args.ignore_sigterm, handler_cancellation=True,
+                ssl_context=tls)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"gateway": {"drain_seconds": float("inf")}}, "gateway.drain_seconds"),
         ({"models": {"-bad": {}}}, "not a usable model name"),
         ({"models": {"m": {"tensor_parallel_size": 0}}}, "models.m.tensor_parallel_size"),
+        ({"models": {"m": {"url": "http://a", "api_key": "k\r\nX-Evil: 1"}}},
+         "'api_key' must be printable ASCII"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:

@@ -4,59 +4,15 @@ bytes: keep-alive reuse, framings, broken answers, back-pressure, cancellation, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 import pytest
 import trustme
 
+from tests.support.raw_upstream import Server, read_request, serving
 from vllm_autoserve.upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 POST = b"POST /v1/x HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}"
-
-
-@dataclass
-class Server:
-    port: int = 0
-    connections: int = 0
-    requests: list[bytes] = field(default_factory=list)
-    asked: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def read_request(reader: asyncio.StreamReader, server: Server) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    request = head + await reader.readexactly(length)
-    server.requests.append(request)
-    server.asked.set()
-    return request
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
-    server = Server()
-
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        server.connections += 1
-        try:
-            await handler(reader, writer, server)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            server.closed.set()
-            writer.close()
-
-    listener = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=tls)
-    server.port = listener.sockets[0].getsockname()[1]
-    async with listener:
-        yield server
 
 
 def origin(server: Server, tls: bool = False) -> Origin:
@@ -258,3 +214,71 @@ async def test_https_upstream_with_an_untrusted_certificate_is_refused(
     async with serving(keep_alive_ok, tls=server_context) as server:
         with pytest.raises(UpstreamError, match="CERTIFICATE_VERIFY_FAILED"):
             await ConnectionPool().send(origin(server, tls=True), POST)
+
+
+async def test_a_late_abort_of_a_released_answer_leaves_the_next_request_alone() -> None:
+    # A client that leaves just as its answer completes: the abort may run after the
+    # connection went back to the pool and was taken by the next request.
+    pool = ConnectionPool()
+    async with serving(keep_alive_ok) as server:
+        first = await pool.send(origin(server), POST)
+        assert await body_of(first) == b"hello"  # released: the connection is idle again
+        second = asyncio.ensure_future(pool.send(origin(server), POST))
+        await asyncio.sleep(0)
+        first.abort()
+        response = await asyncio.wait_for(second, 2)
+        assert await body_of(response) == b"hello"
+    pool.close()
+    assert server.connections == 1
+
+
+async def test_a_request_the_upstream_may_have_acted_on_is_never_sent_twice() -> None:
+    async def answer_then_die_slowly(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader, server)
+        await asyncio.sleep(0.5)  # "generating", then the engine dies without an answer
+
+    pool = ConnectionPool()
+    async with serving(answer_then_die_slowly) as server:
+        assert await body_of(await pool.send(origin(server), POST)) == b"ok"
+        with pytest.raises(UpstreamError):
+            await pool.send(origin(server), POST)
+    pool.close()
+    assert len(server.requests) == 2
+
+
+async def test_a_client_gone_before_sending_sends_nothing() -> None:
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    gone.set_result(None)
+    async with serving(keep_alive_ok) as server:
+        with pytest.raises(UpstreamError, match="client left"):
+            await ConnectionPool().send(origin(server), POST, gone=gone)
+        await asyncio.sleep(0.1)
+    assert server.requests == []
+
+
+async def test_a_reset_in_a_body_that_ends_at_close_is_not_a_complete_answer() -> None:
+    async def reset(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        import socket
+        import struct
+
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\npart of it")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    pool = ConnectionPool()
+    async with serving(reset) as server:
+        response = await pool.send(origin(server), POST)
+        with pytest.raises(UpstreamError):
+            await body_of(response)
+    pool.close()

@@ -24,7 +24,7 @@ from .asgi import ASGIApp, Message, Receive, Scope, Send, send_bytes
 from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
-from .errors import BadRequest, GatewayError, Unauthorized
+from .errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
 from .inbound import ClientGone, DisconnectWatch, model_of, read_body
 from .logs import AccessEntry, AccessLog
 from .pools.base import Pool, PoolState, Upstream
@@ -240,7 +240,7 @@ class GatewayApp:
                 gone=gone,
                 label=pool.name,
             )
-        except GatewayError:
+        except UpstreamUnavailable:
             pool.report_unreachable()
             raise
 

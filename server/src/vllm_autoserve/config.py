@@ -109,6 +109,13 @@ class ModelConfig(ModelSettings):
     api_key: str | None = None
     """Key the static upstream (``url``) expects, if any."""
 
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\x21-\x7e]+", value):
+            raise ValueError("'api_key' must be printable ASCII without spaces")
+        return value
+
     @model_validator(mode="after")
     def _command_or_url(self) -> ModelConfig:
         if self.command is not None and self.url is not None:

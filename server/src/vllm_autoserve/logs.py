@@ -176,13 +176,14 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             records, self._records = self._records, []
             lines = []
             for record in records:
-                if isinstance(record, AccessEntry):
-                    lines.append(self._format_access(record))
-                    continue
                 try:
-                    lines.append(self.format(record))
+                    if isinstance(record, AccessEntry):
+                        lines.append(self._format_access(record))
+                    else:
+                        lines.append(self.format(record))
                 except Exception:
-                    self.handleError(record)
+                    if isinstance(record, logging.LogRecord):
+                        self.handleError(record)
             if lines:
                 self.stream.write("\n".join(lines) + "\n")
                 self.stream.flush()

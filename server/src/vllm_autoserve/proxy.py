@@ -13,6 +13,7 @@ import base64
 import contextlib
 import functools
 import logging
+import re
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
 
@@ -20,7 +21,7 @@ import orjson
 
 from . import metrics
 from .asgi import Send
-from .errors import UpstreamUnavailable
+from .errors import BadRequest, UpstreamUnavailable
 from .pools.base import Upstream
 from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
@@ -59,6 +60,7 @@ _RESPONSE_DROP = frozenset(
     }
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_LINE_BREAK = re.compile(rb"[\r\n]")
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
 _MAX_MODAL_REDIRECTS = 20  # 20 x 150 s: longer than any generation should take
@@ -145,13 +147,20 @@ class Proxy:
                 part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
             )
         lines = [
-            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), url.encode(), target.host_header)
+            b"%s %s HTTP/1.1" % (method.encode(), url.encode()),
+            b"\r\nHost: %s\r\n" % target.host_header,
         ]
         lines.extend(
             b"%s: %s\r\n" % (name, value)
             for name, value in headers
             if name.lower() not in _REQUEST_DROP
         )
+        # The server in front parsed these already; an ASGI server that lets a line break
+        # through must not be able to add headers or requests to the upstream connection.
+        if _LINE_BREAK.search(lines[0]) or _LINE_BREAK.search(
+            b"".join(name + value for name, value in headers)
+        ):
+            raise BadRequest("line break in the request target or a header")
         authorization = _authorization(upstream.api_key, target)
         if authorization:
             lines.append(b"Authorization: %s\r\n" % authorization)
@@ -187,11 +196,11 @@ class Proxy:
         """One upstream request; follows Modal's own 303s (a web call past 150 s is answered
         with a redirect to the same URL plus ``__modal_function_call_id``), nothing else."""
         head_only = method == "HEAD"
-        for _ in range(_MAX_MODAL_REDIRECTS):
+        for redirects in range(_MAX_MODAL_REDIRECTS + 1):
             response = await self.connections.send(
                 target.origin, request, head_only=head_only, gone=gone
             )
-            if response.status != 303:
+            if response.status != 303 or redirects == _MAX_MODAL_REDIRECTS:
                 return response
             location = _header(response.headers, b"location")
             if _MODAL_CALL_PARAM not in location:
@@ -216,7 +225,7 @@ class Proxy:
         result.status = response.status
         raw = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
         content_type = _header(response.headers, b"content-type")
-        result.stream = content_type.startswith("text/event-stream")
+        result.stream = content_type.lower().startswith("text/event-stream")
         if result.stream:
             metrics.child(metrics.OPEN_STREAMS, label).inc()
         await send({"type": "http.response.start", "status": response.status, "headers": raw})
@@ -258,10 +267,7 @@ class Proxy:
 def _authorization(api_key: str | None, target: _Target) -> bytes | None:
     """The engine's key (never the gateway's); else credentials written into the URL."""
     if api_key:
-        value = b"Bearer " + api_key.encode("latin-1")
-        if b"\r" in value or b"\n" in value:  # a header break would be request smuggling
-            raise UpstreamUnavailable("the upstream API key contains a line break")
-        return value
+        return b"Bearer " + api_key.encode("latin-1")  # checked: config.check_api_key
     return target.credentials
 
 

@@ -21,6 +21,10 @@ import httptools
 # buffered body, go on below a quarter of it (the kernel's buffers then hold the rest).
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = _READ_HIGH_WATER // 4
+# A reused connection that dies this soon after the request was written, with no byte of an
+# answer, was closed by the upstream while idle (its keep-alive ran out): it never saw the
+# request, which may be sent again. Any later loss may be after the upstream acted on it.
+_STALE_WINDOW = 0.25
 
 
 class UpstreamError(Exception):
@@ -148,12 +152,13 @@ class Response:
         if self._paused:
             self._paused = False
             self._connection.resume_reading()
-        self._connection.finish(reusable=self.complete and self.keep_alive)
+        self._connection.finish(self, reusable=self.complete and self.keep_alive)
 
     def abort(self) -> None:
-        """Drop the answer and its connection now (the upstream sees the connection close)."""
+        """Drop the answer and its connection now (the upstream sees the connection close).
+        Once released, it does nothing: the connection may carry another request by then."""
         self._fail(UpstreamError("aborted"))
-        self._connection.finish(reusable=False)
+        self._connection.finish(self, reusable=False)
 
 
 class _Connection(asyncio.Protocol):
@@ -165,13 +170,16 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.written_at = 0.0
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._response: Response | None = None
+        self._owner: Response | None = None  # holds the connection until released
+        self._response: Response | None = None  # being parsed (None once complete)
 
     def start(self, response: Response, request: bytes) -> None:
         assert self._transport is not None
-        self._response = response
+        self._owner = self._response = response
+        self.written_at = self.pool.loop_time()
         self._transport.write(request)
 
     def pause_reading(self) -> None:
@@ -186,8 +194,10 @@ class _Connection(asyncio.Protocol):
         if self._response is response:
             self._response = None
 
-    def finish(self, reusable: bool) -> None:
-        self._response = None
+    def finish(self, response: Response, reusable: bool) -> None:
+        if self._owner is not response:  # released already; may be someone else's by now
+            return
+        self._owner = self._response = None
         if reusable and not self.closed:
             self.pool.put_back(self)
         else:
@@ -224,7 +234,7 @@ class _Connection(asyncio.Protocol):
         self._response = None
         if response is None or response.complete:
             return
-        if response.status and _ends_at_close(response.headers):
+        if response.status and exc is None and _ends_at_close(response.headers):
             response._finish()  # a body delimited by the end of the connection
             return
         reason = f": {exc}" if exc else ""
@@ -277,6 +287,7 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self._idle: dict[Origin, list[_Connection]] = {}
+        self._swept = 0.0
         self._tls = tls  # the system's trusted CAs unless given
 
     async def send(
@@ -293,7 +304,10 @@ class ConnectionPool:
         already closed (it answered nothing at all) is retried once on a new connection:
         the upstream never saw the request."""
         for attempt in range(2):
-            connection = self._idle_connection(origin) or await self._connect(origin)
+            connection = self._idle_connection(origin) or await self._connect(origin, gone)
+            if gone is not None and gone.done():
+                connection.close()
+                raise UpstreamError("the client left before the request was sent")
             response = Response(connection, head_only)
 
             def drop(_: object, response: Response = response) -> None:
@@ -306,8 +320,12 @@ class ConnectionPool:
                 await response.wait_started()
                 return response
             except UpstreamError:
-                connection.close()
-                stale = connection.reused and not response.received
+                response.abort()
+                stale = (
+                    connection.reused
+                    and not response.received
+                    and self.loop_time() - connection.written_at < _STALE_WINDOW
+                )
                 if attempt == 0 and stale and not (gone is not None and gone.done()):
                     continue
                 raise
@@ -319,14 +337,24 @@ class ConnectionPool:
                     gone.remove_done_callback(drop)
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     def put_back(self, connection: _Connection) -> None:
+        now = self.loop_time()
         connection.reused = True
-        connection.idle_since = asyncio.get_running_loop().time()
-        idle = self._idle.setdefault(connection.origin, [])
-        idle.append(connection)
-        # The oldest are at the front: close those idle for too long (the upstream would).
-        while idle and connection.idle_since - idle[0].idle_since > self.idle_seconds:
-            idle.pop(0).close()
+        connection.idle_since = now
+        self._idle.setdefault(connection.origin, []).append(connection)
+        if now - self._swept > self.idle_seconds:
+            self._swept = now
+            self._close_idle_before(now - self.idle_seconds)
+
+    def _close_idle_before(self, moment: float) -> None:
+        """Close connections idle since before ``moment`` (the oldest are at the front)."""
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since < moment:
+                idle.pop(0).close()
 
     def forget(self, connection: _Connection) -> None:
         idle = self._idle.get(connection.origin)
@@ -343,7 +371,7 @@ class ConnectionPool:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        now = self.loop_time()
         while idle:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self.idle_seconds:
@@ -351,24 +379,43 @@ class ConnectionPool:
             connection.close()
         return None
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(
+        self, origin: Origin, gone: asyncio.Future[None] | None = None
+    ) -> _Connection:
+        """A new connection; given up at once when ``gone`` completes first."""
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if origin.tls else None
+        connecting = asyncio.ensure_future(
+            loop.create_connection(
+                lambda: _Connection(self, origin),
+                origin.host,
+                origin.port,
+                ssl=tls,
+                server_hostname=origin.host if tls else None,
+            )
+        )
+
+        def give_up(_: object) -> None:
+            connecting.cancel()
+
+        if gone is not None:
+            gone.add_done_callback(give_up)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, origin),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
+                _, connection = await connecting
+        except asyncio.CancelledError:
+            if gone is not None and gone.done() and connecting.cancelled():
+                raise UpstreamError("the client left while connecting") from None
+            raise
         except TimeoutError:
             raise UpstreamError(
                 f"connecting to {origin} timed out after {self.connect_timeout:g} s"
             ) from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamError(f"cannot connect to {origin}: {exc}") from exc
+        finally:
+            if gone is not None:
+                gone.remove_done_callback(give_up)
         return connection
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -1,0 +1,107 @@
+"""The pass-through's request building and redirect rules, against a small real server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.support.raw_upstream import Server, read_request, serving
+from vllm_autoserve.errors import BadRequest
+from vllm_autoserve.pools.base import Upstream
+from vllm_autoserve.proxy import Proxy
+
+
+async def forward(
+    server: Server, headers: list[tuple[bytes, bytes]], query: bytes = b""
+) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    proxy = Proxy()
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        await proxy.forward(
+            Upstream(url=f"http://127.0.0.1:{server.port}", api_key="engine-key"),
+            method="POST",
+            path="/v1/chat/completions",
+            query=query,
+            headers=headers,
+            body=b"{}",
+            send=send,
+            gone=gone,
+            label="m",
+        )
+    finally:
+        await proxy.close()
+    return sent
+
+
+async def always_redirect(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+) -> None:
+    while True:
+        await read_request(reader, server)
+        writer.write(
+            b"HTTP/1.1 303 See Other\r\nLocation: /v1/chat/completions?__modal_function_call_id=fc-1"
+            b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        await writer.drain()
+
+
+async def test_the_engine_key_replaces_the_gateways_and_hop_by_hop_headers_stay_behind() -> None:
+    async def echo(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
+        await writer.drain()
+
+    async with serving(echo) as server:
+        sent = await forward(
+            server,
+            [
+                (b"authorization", b"Bearer gateway-key"),
+                (b"connection", b"upgrade"),
+                (b"x-request-id", b"abc"),
+                (b"content-type", b"application/json"),
+            ],
+            query=b"a=1",
+        )
+    request = server.requests[0]
+    assert request.startswith(b"POST /v1/chat/completions?a=1 HTTP/1.1\r\n")
+    assert b"Authorization: Bearer engine-key\r\n" in request
+    assert b"gateway-key" not in request and b"upgrade" not in request
+    assert b"x-request-id: abc\r\n" in request and request.endswith(b"\r\n\r\n{}")
+    assert sent[0]["status"] == 200
+    assert (b"Connection", b"keep-alive") not in sent[0]["headers"]
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"ok"
+
+
+@pytest.mark.parametrize(
+    "headers, query",
+    [([(b"x-evil", b"a\r\nX-Injected: 1")], b""), ([], b"a=1 HTTP/1.1\r\nX-Injected: 1")],
+    ids=["header", "query"],
+)
+async def test_a_line_break_cannot_reach_the_upstream(
+    headers: list[tuple[bytes, bytes]], query: bytes
+) -> None:
+    async with serving(always_redirect) as server:
+        with pytest.raises(BadRequest):
+            await forward(server, headers, query)
+    assert server.requests == []
+
+
+async def test_modal_redirects_are_followed_up_to_a_limit_then_passed_on() -> None:
+    async with serving(always_redirect) as server:
+        sent = await forward(server, [])
+    assert sent[0]["status"] == 303
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert len(server.requests) == 21
+    assert all(
+        r.startswith(b"GET /v1/chat/completions?__modal_function_call_id=fc-1 ")
+        for r in server.requests[1:]
+    )
