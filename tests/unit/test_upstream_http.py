@@ -282,3 +282,57 @@ async def test_a_reset_in_a_body_that_ends_at_close_is_not_a_complete_answer() -
         with pytest.raises(UpstreamError):
             await body_of(response)
     pool.close()
+
+
+async def test_answers_of_every_ending_leave_no_reference_cycles() -> None:
+    # The gateway raises gc's thresholds; garbage that needs the cycle collector piled up
+    # for minutes in the soak (a broken answer's error held its frames, which held it).
+    import gc
+
+    from vllm_autoserve.upstream_http import _Connection
+
+    async def endings(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        request = await read_request(reader, server)
+        if b"cut" in request:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")
+        elif b"hold" in request:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+            await reader.read()
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+
+    async def one(pool: ConnectionPool, server: Server, kind: bytes) -> None:
+        request = POST.replace(b"/v1/x", b"/" + kind)
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            response = await pool.send(origin(server), request, gone=gone)
+            if kind == b"hold":
+                await response.read()
+                gone.add_done_callback(lambda _: response.abort())
+                gone.set_result(None)
+            await body_of(response)
+        except UpstreamError:
+            pass
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        pool = ConnectionPool()
+        async with serving(endings) as server:
+            for kind in (b"ok", b"cut", b"hold") * 10:
+                await one(pool, server, kind)
+            await asyncio.sleep(0.1)  # connections closed and lost
+        pool.close()
+        del pool
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, Response | _Connection)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []

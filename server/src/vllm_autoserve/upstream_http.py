@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -65,7 +66,7 @@ class Response:
         self._connection = connection
         self._head_only = head_only
         self._interim = False
-        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._started: asyncio.Future[None] = connection.loop.create_future()
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -112,14 +113,15 @@ class Response:
             return
         self._error = error
         if not self._started.done():
-            self._started.set_exception(error)
-            self._started.exception()  # retrieved: a failed start is reported by send()
+            self._started.set_result(None)  # wait_started() raises
         self._pending.wake()
 
     # -- what the proxy calls -------------------------------------------------------------
 
     async def wait_started(self) -> None:
         await self._started
+        if self._error is not None:
+            raise self._raised()
 
     async def read(self) -> bytes:
         """The body bytes that have arrived since the last call (waiting for some if none
@@ -128,8 +130,8 @@ class Response:
             if self.complete:
                 return b""
             if self._error is not None:
-                raise self._error
-            self._pending.future = asyncio.get_running_loop().create_future()
+                raise self._raised()
+            self._pending.future = self._connection.loop.create_future()
             try:
                 await self._pending.future
             finally:
@@ -140,6 +142,12 @@ class Response:
             self._paused = False
             self._connection.resume_reading()
         return chunk
+
+    def _raised(self) -> UpstreamError:
+        """A fresh copy of the error to raise: the kept one, raised, would hold a traceback
+        whose frames hold this response, a cycle per broken answer for the collector."""
+        assert self._error is not None
+        return UpstreamError(*self._error.args)
 
     def _take_all(self) -> bytes:
         chunk = b"".join(self._chunks)
@@ -164,22 +172,26 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One upstream connection; carries at most one request at a time."""
 
-    def __init__(self, pool: ConnectionPool, origin: Origin) -> None:
+    def __init__(
+        self, pool: ConnectionPool, origin: Origin, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.pool = pool
         self.origin = origin
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self.loop = loop
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
         self.written_at = 0.0
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._owner: Response | None = None  # holds the connection until released
         self._response: Response | None = None  # being parsed (None once complete)
 
     def start(self, response: Response, request: bytes) -> None:
         assert self._transport is not None
         self._owner = self._response = response
-        self.written_at = self.pool.loop_time()
+        self.written_at = time.monotonic()
         self._transport.write(request)
 
     def pause_reading(self) -> None:
@@ -220,8 +232,11 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         response.received = True
+        parser = self._parser
+        if parser is None:
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._broken(UpstreamError("upstream switched protocols"))
         except httptools.HttpParserError as exc:
@@ -231,7 +246,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         response = self._response
-        self._response = None
+        self._owner = self._response = None  # a dead connection belongs to nobody
+        # The parser and the transport refer back to this protocol: let it go uncollected.
+        self._parser = None
+        self._transport = None
         if response is None or response.complete:
             return
         if response.status and exc is None and _ends_at_close(response.headers):
@@ -253,7 +271,7 @@ class _Connection(asyncio.Protocol):
             self._response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._response is not None:
+        if self._response is not None and self._parser is not None:
             status = self._parser.get_status_code()
             self._response._on_headers(status, self._parser.should_keep_alive())
 
@@ -324,7 +342,7 @@ class ConnectionPool:
                 stale = (
                     connection.reused
                     and not response.received
-                    and self.loop_time() - connection.written_at < _STALE_WINDOW
+                    and time.monotonic() - connection.written_at < _STALE_WINDOW
                 )
                 if attempt == 0 and stale and not (gone is not None and gone.done()):
                     continue
@@ -337,12 +355,8 @@ class ConnectionPool:
                     gone.remove_done_callback(drop)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def loop_time() -> float:
-        return asyncio.get_running_loop().time()
-
     def put_back(self, connection: _Connection) -> None:
-        now = self.loop_time()
+        now = time.monotonic()
         connection.reused = True
         connection.idle_since = now
         self._idle.setdefault(connection.origin, []).append(connection)
@@ -371,7 +385,7 @@ class ConnectionPool:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        now = self.loop_time()
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self.idle_seconds:
@@ -387,7 +401,7 @@ class ConnectionPool:
         tls = self._tls_context() if origin.tls else None
         connecting = asyncio.ensure_future(
             loop.create_connection(
-                lambda: _Connection(self, origin),
+                lambda: _Connection(self, origin, loop),
                 origin.host,
                 origin.port,
                 ssl=tls,
