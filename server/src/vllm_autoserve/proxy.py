@@ -13,7 +13,6 @@ import base64
 import contextlib
 import functools
 import logging
-import re
 from dataclasses import dataclass
 from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
 
@@ -60,7 +59,6 @@ _RESPONSE_DROP = frozenset(
     }
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_LINE_BREAK = re.compile(rb"[\r\n]")
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
 _MAX_MODAL_REDIRECTS = 20  # 20 x 150 s: longer than any generation should take
@@ -147,30 +145,29 @@ class Proxy:
                 part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
             )
         lines = [
-            b"%s %s HTTP/1.1" % (method.encode(), url.encode()),
-            b"\r\nHost: %s\r\n" % target.host_header,
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), url.encode(), target.host_header)
         ]
         lines.extend(
             b"%s: %s\r\n" % (name, value)
             for name, value in headers
             if name.lower() not in _REQUEST_DROP
         )
-        # The server in front parsed these already; an ASGI server that lets a line break
-        # through must not be able to add headers or requests to the upstream connection.
-        if _LINE_BREAK.search(lines[0]) or _LINE_BREAK.search(
-            b"".join(name + value for name, value in headers)
-        ):
-            raise BadRequest("line break in the request target or a header")
         authorization = _authorization(upstream.api_key, target)
         if authorization:
             lines.append(b"Authorization: %s\r\n" % authorization)
         if body or method in _BODY_METHODS:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")
-        lines.append(body)
+        head = b"".join(lines)
+        # One line break per line and no other: the server in front parsed these already,
+        # but an ASGI server that let one through must not be able to add headers or
+        # requests to the upstream connection.
+        breaks = len(lines) + 1
+        if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
+            raise BadRequest("line break in the request target or a header")
         result = Forwarded()
         try:
-            response = await self._request(target, method, url, b"".join(lines), gone)
+            response = await self._request(target, method, url, head + body, gone)
         except UpstreamError as exc:
             if gone.done():  # the client left first; the upstream was told by the close
                 result.client_gone = True
