@@ -50,3 +50,19 @@ async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncI
     server.port = listener.sockets[0].getsockname()[1]
     async with listener:
         yield server
+
+
+def answering(answer: bytes, *, repeat: bool = False) -> Handler:
+    """A handler that answers each request (only the first, unless ``repeat``) with ``answer``."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        while True:
+            await read_request(reader, server)
+            writer.write(answer)
+            await writer.drain()
+            if not repeat:
+                return
+
+    return handler

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.raw_upstream import Server, read_request, serving
+from tests.support.raw_upstream import Server, answering, serving
 from vllm_autoserve.errors import BadRequest
 from vllm_autoserve.pools.base import Upstream
 from vllm_autoserve.proxy import Proxy
@@ -40,25 +40,15 @@ async def forward(
     return sent
 
 
-async def always_redirect(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-) -> None:
-    while True:
-        await read_request(reader, server)
-        writer.write(
-            b"HTTP/1.1 303 See Other\r\nLocation: /v1/chat/completions?__modal_function_call_id=fc-1"
-            b"\r\nContent-Length: 0\r\n\r\n"
-        )
-        await writer.drain()
+always_redirect = answering(
+    b"HTTP/1.1 303 See Other\r\nLocation: /v1/chat/completions?__modal_function_call_id=fc-1"
+    b"\r\nContent-Length: 0\r\n\r\n",
+    repeat=True,
+)
 
 
 async def test_the_engine_key_replaces_the_gateways_and_hop_by_hop_headers_stay_behind() -> None:
-    async def echo(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-    ) -> None:
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
-        await writer.drain()
+    echo = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok")
 
     async with serving(echo) as server:
         sent = await forward(

@@ -9,7 +9,7 @@ import ssl
 import pytest
 import trustme
 
-from tests.support.raw_upstream import Server, read_request, serving
+from tests.support.raw_upstream import Server, answering, read_request, serving
 from vllm_autoserve.upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
 POST = b"POST /v1/x HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}"
@@ -27,13 +27,9 @@ async def body_of(response: Response) -> bytes:
     return b"".join(parts)
 
 
-async def keep_alive_ok(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-) -> None:
-    while True:
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Test: yes\r\n\r\nhello")
-        await writer.drain()
+keep_alive_ok = answering(
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Test: yes\r\n\r\nhello", repeat=True
+)
 
 
 async def test_answers_and_reuses_one_keep_alive_connection() -> None:
@@ -50,13 +46,8 @@ async def test_answers_and_reuses_one_keep_alive_connection() -> None:
 
 
 async def test_a_connection_the_upstream_closed_while_idle_is_replaced_transparently() -> None:
-    async def one_answer_then_close(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-    ) -> None:
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        # The answer said keep-alive; close as an idle timeout would, without telling.
+    # The answer says keep-alive; then the connection closes as an idle timeout would.
+    one_answer_then_close = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     pool = ConnectionPool()
     async with serving(one_answer_then_close) as server:
@@ -84,15 +75,8 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced_transpare
     ids=["chunked", "ends-at-close", "interim-100"],
 )
 async def test_framings(answer: bytes, body: bytes) -> None:
-    async def answer_once(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-    ) -> None:
-        await read_request(reader, server)
-        writer.write(answer)
-        await writer.drain()
-
     pool = ConnectionPool()
-    async with serving(answer_once) as server:
+    async with serving(answering(answer)) as server:
         response = await pool.send(origin(server), POST)
         assert await body_of(response) == body
     pool.close()
@@ -124,15 +108,8 @@ async def test_head_answer_ends_after_its_headers() -> None:
     ids=["garbage", "cut-short"],
 )
 async def test_a_broken_answer_is_an_upstream_error(answer: bytes) -> None:
-    async def broken(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
-    ) -> None:
-        await read_request(reader, server)
-        writer.write(answer)
-        await writer.drain()
-
     pool = ConnectionPool()
-    async with serving(broken) as server:
+    async with serving(answering(answer)) as server:
         with pytest.raises(UpstreamError):
             await body_of(await pool.send(origin(server), POST))
     pool.close()

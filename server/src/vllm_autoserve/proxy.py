@@ -26,8 +26,8 @@ from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
 log = logging.getLogger("vllm_autoserve.proxy")
 
-# Hop-by-hop headers (RFC 9110 §7.6.1) and those the gateway sets itself.
-_REQUEST_DROP = frozenset(
+# Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded either way.
+_HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -38,26 +38,11 @@ _REQUEST_DROP = frozenset(
         b"trailers",
         b"transfer-encoding",
         b"upgrade",
-        b"host",
-        b"content-length",
-        b"authorization",
-        b"expect",
     }
 )
-_RESPONSE_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"date",
-        b"server",
-    }
-)
+# ... plus those the gateway sets itself.
+_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
+_RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
