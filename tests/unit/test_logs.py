@@ -26,11 +26,21 @@ ENTRY = AccessEntry(
 
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    root, access = logging.getLogger(), logging.getLogger(ACCESS_LOGGER)
-    saved = (root.handlers[:], root.level, access.handlers[:], access.propagate)
+    """Each test starts from untouched loggers (others, e.g. the Modal gateway's start-up,
+    set the package logger's level) and leaves them as they were."""
+    loggers = [
+        logging.getLogger(),
+        logging.getLogger("vllm_autoserve"),
+        logging.getLogger(ACCESS_LOGGER),
+    ]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers[1:]:
+        lg.setLevel(logging.NOTSET)
     yield
-    root.handlers[:], _, access.handlers[:], access.propagate = saved
-    root.setLevel(saved[1])
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 def written(fmt: str, via_logging: bool) -> str:
