@@ -214,6 +214,9 @@ class Proxy:
         try:
             while chunk := await response.read():
                 result.bytes_out += len(chunk)
+                if response.drained:  # the last chunk: end the body with it, one write
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             if gone.done():

@@ -118,6 +118,11 @@ class Response:
 
     # -- what the proxy calls -------------------------------------------------------------
 
+    @property
+    def drained(self) -> bool:
+        """The answer is complete and every byte of it has been read."""
+        return self.complete and not self._chunks
+
     async def wait_started(self) -> None:
         await self._started
         if self._error is not None:
