@@ -14,7 +14,10 @@ from vllm_autoserve.proxy import Proxy
 
 
 async def forward(
-    server: Server, headers: list[tuple[bytes, bytes]], query: bytes = b""
+    server: Server,
+    headers: list[tuple[bytes, bytes]],
+    query: bytes = b"",
+    path: str = "/v1/chat/completions",
 ) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
@@ -27,7 +30,7 @@ async def forward(
         await proxy.forward(
             Upstream(url=f"http://127.0.0.1:{server.port}", api_key="engine-key"),
             method="POST",
-            path="/v1/chat/completions",
+            path=path,
             query=query,
             headers=headers,
             body=b"{}",
@@ -95,3 +98,11 @@ async def test_modal_redirects_are_followed_up_to_a_limit_then_passed_on() -> No
         r.startswith(b"GET /v1/chat/completions?__modal_function_call_id=fc-1 ")
         for r in server.requests[1:]
     )
+
+
+async def test_the_raw_path_and_query_go_upstream_byte_for_byte() -> None:
+    # The app hands over the client's raw path decoded as latin-1 (ASGI's raw_path).
+    raw_path, raw_query = b"/v1/x%20y/caf\xe9", b"q=%C3%A9&r=\xe9"
+    async with serving(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as server:
+        await forward(server, [], query=raw_query, path=raw_path.decode("latin-1"))
+    assert server.requests[0].startswith(b"POST " + raw_path + b"?" + raw_query + b" HTTP/1.1\r\n")

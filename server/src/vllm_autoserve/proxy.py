@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
-from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
 
 import orjson
 
@@ -90,7 +90,7 @@ def _target(base_url: str) -> _Target:
     return _Target(
         origin=origin,
         host_header=host.encode("idna"),
-        path_prefix=url.path,
+        path_prefix=quote(url.path, safe="/%:@!$&'()*+,;=~"),  # ASCII, escapes kept
         credentials=credentials,
         base=f"{url.scheme}://{host}",
     )
@@ -129,8 +129,10 @@ class Proxy:
             url += "?" + "&".join(
                 part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
             )
+        # latin-1: the client's raw path and query bytes go upstream exactly as they came.
         lines = [
-            b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), url.encode(), target.host_header)
+            b"%s %s HTTP/1.1\r\nHost: %s\r\n"
+            % (method.encode(), url.encode("latin-1"), target.host_header)
         ]
         lines.extend(
             b"%s: %s\r\n" % (name, value)
@@ -260,7 +262,7 @@ def _get_request(url: str, target: _Target, previous: bytes) -> bytes:
     """The GET that follows a Modal 303: the previous request's headers, without a body."""
     head = previous.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
     kept = [line for line in head if not line.lower().startswith(b"content-length:")]
-    return b"\r\n".join([b"GET %s HTTP/1.1" % url.encode(), *kept]) + b"\r\n\r\n"
+    return b"\r\n".join([b"GET %s HTTP/1.1" % url.encode("latin-1"), *kept]) + b"\r\n\r\n"
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
