@@ -118,7 +118,6 @@ class GatewayApp:
     # -- lifespan -------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self.proxy.open()
         await self.pools.start()
 
     async def shutdown(self) -> None:

@@ -30,6 +30,10 @@ class AccessEntry(NamedTuple):
     bytes_out: int
     upstream_broke: bool
 
+    @property
+    def msecs(self) -> int:
+        return int((self.created - int(self.created)) * 1000)
+
     def message(self) -> str:
         broke = " upstream_broke=1" if self.upstream_broke else ""
         return (
@@ -105,8 +109,9 @@ class TextFormatter(logging.Formatter):
 
     def format_access(self, entry: AccessEntry) -> str:
         """The line ``format()`` would give for the entry's record, without the record."""
-        msecs = int((entry.created - int(entry.created)) * 1000)
-        return f"{self._date(entry.created)},{msecs:03d} INFO {ACCESS_LOGGER}: {entry.message()}"
+        return (
+            f"{self._date(entry.created)},{entry.msecs:03d} INFO {ACCESS_LOGGER}: {entry.message()}"
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -129,9 +134,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
     def format_access(self, entry: AccessEntry) -> str:
-        msecs = int((entry.created - int(entry.created)) * 1000)
         line = {
-            "time": f"{self._date(entry.created)}.{msecs:03d}Z",
+            "time": f"{self._date(entry.created)}.{entry.msecs:03d}Z",
             "level": "info",
             "logger": ACCESS_LOGGER,
             "message": entry.message(),

@@ -101,9 +101,6 @@ class Proxy:
         # Generations can be long and silent; only connecting has a deadline.
         self.connections = ConnectionPool(connect_timeout=10.0)
 
-    async def open(self) -> None:
-        """Nothing to open: connections are made on first use."""
-
     async def close(self) -> None:
         self.connections.close()
 
@@ -186,7 +183,7 @@ class Proxy:
             )
             if response.status != 303 or redirects == _MAX_MODAL_REDIRECTS:
                 return response
-            location = _header(response.headers, b"location")
+            location = response.header(b"location") or ""
             if _MODAL_CALL_PARAM not in location:
                 return response
             redirected = urlsplit(urljoin(target.base + url, location))
@@ -194,7 +191,7 @@ class Proxy:
                 return response
             response.abort()
             url = redirected.path + (f"?{redirected.query}" if redirected.query else "")
-            request = _get_request(url, target, request)
+            request = _get_request(url, request)
             head_only = False
         return response
 
@@ -208,7 +205,7 @@ class Proxy:
     ) -> None:
         result.status = response.status
         raw = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
-        content_type = _header(response.headers, b"content-type")
+        content_type = response.header(b"content-type") or ""
         result.stream = content_type.lower().startswith("text/event-stream")
         if result.stream:
             metrics.child(metrics.OPEN_STREAMS, label).inc()
@@ -254,19 +251,12 @@ class Proxy:
 def _authorization(api_key: str | None, target: _Target) -> bytes | None:
     """The engine's key (never the gateway's); else credentials written into the URL."""
     if api_key:
-        return b"Bearer " + api_key.encode("latin-1")  # checked: config.check_api_key
+        return b"Bearer " + api_key.encode("latin-1")  # ASCII: ModelConfig._header_safe
     return target.credentials
 
 
-def _get_request(url: str, target: _Target, previous: bytes) -> bytes:
+def _get_request(url: str, previous: bytes) -> bytes:
     """The GET that follows a Modal 303: the previous request's headers, without a body."""
     head = previous.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
     kept = [line for line in head if not line.lower().startswith(b"content-length:")]
     return b"\r\n".join([b"GET %s HTTP/1.1" % url.encode("latin-1"), *kept]) + b"\r\n\r\n"
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import ssl
 import time
-from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 import httptools
@@ -41,17 +40,6 @@ class Origin(NamedTuple):
         return f"{self.host}:{self.port}"
 
 
-@dataclass
-class _Pending:
-    """Wakes the reader of a response; one per wait, created only when the reader waits."""
-
-    future: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(None)
-
-
 class Response:
     """One upstream answer: ``status`` and ``headers`` once returned by
     ``ConnectionPool.send``, then the body through ``read()``. Call ``release()`` when done
@@ -71,7 +59,11 @@ class Response:
         self._buffered = 0
         self._paused = False
         self._error: UpstreamError | None = None
-        self._pending = _Pending()
+        self._waiter: asyncio.Future[None] | None = None  # only while read() waits
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     # -- what the connection's parser feeds -----------------------------------------------
 
@@ -95,7 +87,7 @@ class Response:
         if self._buffered > _READ_HIGH_WATER and not self._paused:
             self._paused = True
             self._connection.pause_reading()
-        self._pending.wake()
+        self._wake()
 
     def _on_complete(self) -> None:
         if self._interim:
@@ -106,7 +98,7 @@ class Response:
     def _finish(self) -> None:
         self.complete = True
         self._connection.response_done(self)
-        self._pending.wake()
+        self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if self.complete or self._error is not None:
@@ -114,9 +106,16 @@ class Response:
         self._error = error
         if not self._started.done():
             self._started.set_result(None)  # wait_started() raises
-        self._pending.wake()
+        self._wake()
 
     # -- what the proxy calls -------------------------------------------------------------
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
 
     @property
     def drained(self) -> bool:
@@ -136,11 +135,11 @@ class Response:
                 return b""
             if self._error is not None:
                 raise self._raised()
-            self._pending.future = self._connection.loop.create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
-                await self._pending.future
+                await self._waiter
             finally:
-                self._pending.future = None
+                self._waiter = None
         chunk = self._chunks.popleft() if len(self._chunks) == 1 else self._take_all()
         self._buffered -= len(chunk)
         if self._paused and self._buffered < _READ_LOW_WATER:
@@ -257,7 +256,13 @@ class _Connection(asyncio.Protocol):
         self._transport = None
         if response is None or response.complete:
             return
-        if response.status and exc is None and _ends_at_close(response.headers):
+        # Neither a length nor chunked framing (HTTP/1.0 style): the end of the connection
+        # is the end of the body; a reset is not.
+        ends_at_close = (
+            response.header(b"content-length") is None
+            and response.header(b"transfer-encoding") is None
+        )
+        if response.status and exc is None and ends_at_close:
             response._finish()  # a body delimited by the end of the connection
             return
         reason = f": {exc}" if exc else ""
@@ -287,14 +292,6 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._response is not None:
             self._response._on_complete()
-
-
-def _ends_at_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    """True when neither a length nor chunked framing was announced (HTTP/1.0 style)."""
-    for name, _ in headers:
-        if name.lower() in (b"content-length", b"transfer-encoding"):
-            return False
-    return True
 
 
 class ConnectionPool:
