@@ -9,10 +9,15 @@ access log), driven by ``wrk`` at saturation, CPU per request from psutil:
 - ``aiohttp`` forwards to the stand-in upstream with one pooled ``aiohttp`` session and
   nothing else (no auth, metrics, logs, disconnect watching): the client library's cost;
 - ``raw``    forwards over pooled keep-alive connections with an asyncio protocol and
-  httptools' response parser: what a hand-written upstream client would cost.
+  httptools' response parser: what a hand-written upstream client would cost;
+- ``splice`` no uvicorn and no ASGI: one asyncio protocol parses the client's requests with
+  httptools and writes each to a pooled upstream connection, whose answer bytes go back to
+  the client untouched (httptools only finds where the answer ends). No routing, headers
+  rewritten or inspected, logs or metrics: the least any Python proxy does per request.
 
-Not a design for production (``raw`` handles no errors, timeouts or TLS); it bounds what
-changes to the gateway can gain. ``floor.py serve KIND PORT`` runs one app.
+``direct`` is wrk against the stand-in itself, in the same rounds. Not designs for production
+(``raw`` and ``splice`` handle no errors, timeouts or TLS); they bound what changes to the
+gateway can gain. ``floor.py serve KIND PORT`` runs one app.
 """
 
 from __future__ import annotations
@@ -159,8 +164,105 @@ class RawProxy:
         await send({"type": "http.response.body", "body": b""})
 
 
+class _SpliceUpstream(asyncio.Protocol):
+    """A pooled upstream connection: answer bytes go to the current client as they come."""
+
+    def __init__(self, pool: list[_SpliceUpstream]) -> None:
+        import httptools
+
+        self.pool = pool
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: Any = None
+        self.client: Any = None  # the client's transport while a request is out
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.client.write(data)
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.client = None
+        self.pool.append(self)
+
+
+class _SpliceClient(asyncio.Protocol):
+    """One client connection: each request parsed, rebuilt and written upstream."""
+
+    def __init__(self, host: str, port: int, pool: list[_SpliceUpstream]) -> None:
+        import httptools
+
+        self.host, self.port, self.pool = host, port, pool
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: Any = None
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.body: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() not in (b"host", b"connection"):
+            self.headers.append(b"%s: %s\r\n" % (name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = b"%s %s HTTP/1.1\r\nhost: upstream\r\n%s\r\n%s" % (
+            self.parser.get_method(),
+            self.url,
+            b"".join(self.headers),
+            b"".join(self.body),
+        )
+        self.headers, self.body = [], []
+        if self.pool:
+            upstream = self.pool.pop()
+            upstream.client = self.transport
+            upstream.transport.write(request)
+        else:
+            asyncio.get_running_loop().create_task(self._connect_and_send(request))
+
+    async def _connect_and_send(self, request: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        _, upstream = await loop.create_connection(
+            lambda: _SpliceUpstream(self.pool), self.host, self.port
+        )
+        upstream.client = self.transport
+        upstream.transport.write(request)
+
+
+def serve_splice(upstream: str, port: int) -> None:
+    import uvloop
+
+    url = urlsplit(upstream)
+    host, upstream_port = url.hostname or "", url.port or 80
+
+    async def run() -> None:
+        pool: list[_SpliceUpstream] = []
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _SpliceClient(host, upstream_port, pool), "127.0.0.1", port
+        )
+        await server.serve_forever()
+
+    uvloop.run(run())
+
+
 def serve(kind: str, port: int) -> None:
     import uvicorn
+
+    if kind == "splice":
+        serve_splice(os.environ.get("FLOOR_UPSTREAM", ""), port)
+        return
 
     upstream = os.environ.get("FLOOR_UPSTREAM", "")
     app: Any = {"hello": hello, "aiohttp": AiohttpProxy, "raw": RawProxy}[kind]
@@ -203,7 +305,8 @@ def main() -> int:
     procs = [upstream]
     try:
         apps = {}
-        for kind in ("hello", "aiohttp", "raw"):
+        apps["direct"] = upstream
+        for kind in ("hello", "aiohttp", "raw", "splice"):
             port = free_port()
             proc = spawn(
                 kind,
@@ -224,6 +327,7 @@ def main() -> int:
             'wrk.headers["Content-Type"] = "application/json"\n'
         )
         cpu: dict[str, list[float]] = {k: [] for k in apps}
+        rates: dict[str, list[float]] = {k: [] for k in apps}
         order = list(apps)
         rng = random.Random(3)
         for _ in range(args.rounds):
@@ -247,12 +351,17 @@ def main() -> int:
                     check=False,
                 ).stdout
                 done = re.search(r"(\d+) requests in", out)
-                if done and int(done.group(1)):
+                rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+                if done and int(done.group(1)) and rate:
                     cpu[kind].append((sum(proc.cpu_times()[:2]) - before) / int(done.group(1)))
+                    rates[kind].append(float(rate.group(1)))
+        direct_rate = statistics.median(rates["direct"])
         for kind, values in cpu.items():
+            rate = statistics.median(rates[kind])
             print(
                 f"{kind:<8} {statistics.median(values) * 1e6:6.0f} µs CPU per request "
-                f"(rounds: {', '.join(f'{v * 1e6:.0f}' for v in values)})"
+                f"(rounds: {', '.join(f'{v * 1e6:.0f}' for v in values)}); "
+                f"{rate:8.0f} req/s, {rate / direct_rate:4.0%} of direct"
             )
     finally:
         for proc in reversed(procs):

@@ -45,12 +45,15 @@ from stack import (
     UPSTREAM,
     LoadGen,
     Proc,
+    free_port,
     http_json,
     loaded_native_modules,
+    spawn,
     start_gateway,
     start_litellm,
     start_nginx,
     start_upstream,
+    wait_ready,
 )
 
 RESULTS = BENCH_DIR / "RESULTS.md"
@@ -129,6 +132,20 @@ class Run:
             self.procs.append(other)
             self.targets["gateway-b"] = (other.url, other.key)
             self.proxies["gateway-b"] = other
+        for kind in args.floor:
+            # floor.py's bare proxies: what a Python proxy costs at least (see floor.py).
+            port = free_port()
+            floor = spawn(
+                f"{kind}-floor",
+                [sys.executable, str(BENCH_DIR / "floor.py"), "serve", kind, str(port)],
+                self.workdir,
+                {"FLOOR_UPSTREAM": self.upstream.url},
+            )
+            floor.url = f"http://127.0.0.1:{port}"
+            self.procs.append(floor)
+            wait_ready(floor, floor.url + "/health", 20)
+            self.targets[floor.name] = (floor.url, None)
+            self.proxies[floor.name] = floor
         if not args.no_peers:
             for name, starter in (
                 ("nginx", lambda: start_nginx(self.workdir, self.upstream.url)),
@@ -905,12 +922,18 @@ def main() -> int:
         default=None,
         help="run 'gateway-b' with this --log-level (warning: no access log)",
     )
+    parser.add_argument(
+        "--floor",
+        default="",
+        help="comma-separated floor.py proxies to measure too: raw,aiohttp,splice ('KIND-floor')",
+    )
     parser.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` script")
     parser.add_argument("--py-spy", default=None, help="path of py-spy")
     parser.add_argument("--out", default=str(RESULTS), help="markdown file to write")
     parser.add_argument("--json", default=None, help="also dump the raw summary here")
     args = parser.parse_args()
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.floor = [s.strip() for s in args.floor.split(",") if s.strip()]
     command = "uv run python bench/proxy_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = dt.datetime.now(dt.UTC)
     run = Run(args)
