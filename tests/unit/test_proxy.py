@@ -106,3 +106,31 @@ async def test_the_raw_path_and_query_go_upstream_byte_for_byte() -> None:
     async with serving(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")) as server:
         await forward(server, [], query=raw_query, path=raw_path.decode("latin-1"))
     assert server.requests[0].startswith(b"POST " + raw_path + b"?" + raw_query + b" HTTP/1.1\r\n")
+
+
+async def test_headers_a_connection_header_names_stay_behind_both_ways() -> None:
+    answer = answering(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: engine\r\nX-Kept: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+    async with serving(answer) as server:
+        sent = await forward(
+            server,
+            [(b"connection", b"keep-alive, X-Private"), (b"x-private", b"secret"), (b"x-a", b"1")],
+        )
+    request = server.requests[0]
+    assert b"secret" not in request and b"x-a: 1\r\n" in request
+    names = [name.lower() for name, _ in sent[0]["headers"]]
+    assert b"x-hop" not in names and b"x-kept" in names
+
+
+async def test_a_304_with_a_content_length_reaches_the_client_without_a_body() -> None:
+    # RFC 9110 lets a 304 carry the length of the representation it did not send; passed
+    # on, the ASGI server would wait for that many bytes and break off the answer.
+    answer = answering(b'HTTP/1.1 304 Not Modified\r\nETag: "a"\r\nContent-Length: 42\r\n\r\n')
+    async with serving(answer) as server:
+        sent = await forward(server, [])
+    assert sent[0]["status"] == 304
+    assert (b"ETag", b'"a"') in sent[0]["headers"]
+    assert all(name.lower() != b"content-length" for name, _ in sent[0]["headers"])
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b""

@@ -53,6 +53,7 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced_transpare
     async with serving(one_answer_then_close) as server:
         assert await body_of(await pool.send(origin(server), POST)) == b"ok"
         await server.closed.wait()
+        await asyncio.sleep(0.05)  # the close reaches the pool, which drops the connection
         assert await body_of(await pool.send(origin(server), POST)) == b"ok"
     pool.close()
     assert server.connections == 2
@@ -94,7 +95,7 @@ async def test_head_answer_ends_after_its_headers() -> None:
     pool = ConnectionPool()
     async with serving(head) as server:
         request = b"HEAD /v1/x HTTP/1.1\r\nHost: test\r\n\r\n"
-        response = await pool.send(origin(server), request, head_only=True)
+        response = await pool.send(origin(server), request, method="HEAD")
         assert await asyncio.wait_for(body_of(response), 2) == b""
     pool.close()
 
@@ -209,23 +210,97 @@ async def test_a_late_abort_of_a_released_answer_leaves_the_next_request_alone()
     assert server.connections == 1
 
 
-async def test_a_request_the_upstream_may_have_acted_on_is_never_sent_twice() -> None:
-    async def answer_then_die_slowly(
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.5])
+async def test_a_post_the_upstream_received_is_never_sent_twice(after: float) -> None:
+    async def die_on_the_second(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
     ) -> None:
         await read_request(reader, server)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
         await read_request(reader, server)
-        await asyncio.sleep(0.5)  # "generating", then the engine dies without an answer
+        await asyncio.sleep(after)  # "generating", then the engine dies without an answer
 
     pool = ConnectionPool()
-    async with serving(answer_then_die_slowly) as server:
+    async with serving(die_on_the_second) as server:
         assert await body_of(await pool.send(origin(server), POST)) == b"ok"
         with pytest.raises(UpstreamError):
             await pool.send(origin(server), POST)
+        await asyncio.sleep(0.1)
     pool.close()
     assert len(server.requests) == 2
+
+
+async def test_a_get_on_a_connection_that_died_unanswered_is_sent_once_more() -> None:
+    async def die_on_the_second(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if server.connections == 1:
+            await read_request(reader, server)  # then closes without an answer
+
+    get = b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n"
+    pool = ConnectionPool()
+    async with serving(die_on_the_second) as server:
+        assert await body_of(await pool.send(origin(server), get, method="GET")) == b"ok"
+        response = await pool.send(origin(server), get, method="GET")
+        assert await body_of(response) == b"ok"
+    pool.close()
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+async def test_bytes_after_the_end_of_an_answer_retire_the_connection() -> None:
+    # A second answer to one request: left in the parser, it would be taken for the next
+    # request's answer (which then never started, and hung).
+    doubled = answering(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra",
+        repeat=True,
+    )
+    pool = ConnectionPool()
+    async with serving(doubled) as server:
+        for _ in range(2):
+            response = await asyncio.wait_for(pool.send(origin(server), POST), 2)
+            assert await body_of(response) == b"ok"
+    pool.close()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 300_000 + b"\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["status-600", "status-099", "300k-header"],
+)
+async def test_answers_no_client_could_take_are_upstream_errors(answer: bytes) -> None:
+    pool = ConnectionPool()
+    async with serving(answering(answer)) as server:
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(pool.send(origin(server), POST), 2)
+    pool.close()
+
+
+async def test_a_header_that_never_ends_is_cut_off_not_buffered() -> None:
+    async def endless_header(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(64):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    pool = ConnectionPool()
+    async with serving(endless_header) as server:
+        with pytest.raises(UpstreamError, match="256 KiB"):
+            await asyncio.wait_for(pool.send(origin(server), POST), 5)
+    pool.close()
 
 
 async def test_a_client_gone_before_sending_sends_nothing() -> None:

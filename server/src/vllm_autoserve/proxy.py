@@ -44,6 +44,7 @@ _HOP_BY_HOP = frozenset(
 _REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_PLAIN_CONNECTION = frozenset({b",keep-alive", b",close"})  # name no other header
 
 _MODAL_CALL_PARAM = "__modal_function_call_id"
 _MAX_MODAL_REDIRECTS = 20  # 20 x 150 s: longer than any generation should take
@@ -131,11 +132,17 @@ class Proxy:
             b"%s %s HTTP/1.1\r\nHost: %s\r\n"
             % (method.encode(), url.encode("latin-1"), target.host_header)
         ]
-        lines.extend(
-            b"%s: %s\r\n" % (name, value)
-            for name, value in headers
-            if name.lower() not in _REQUEST_DROP
-        )
+        options = b""  # the client's Connection header: more hop-by-hop header names
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered not in _REQUEST_DROP:
+                lines.append(b"%s: %s\r\n" % (name, value))
+            elif lowered == b"connection":
+                options += b"," + value
+        if options and options.lower() not in _PLAIN_CONNECTION:
+            named = _connection_options(options)
+            if named:
+                lines[1:] = [x for x in lines[1:] if x.split(b":", 1)[0].lower() not in named]
         authorization = _authorization(upstream.api_key, target)
         if authorization:
             lines.append(b"Authorization: %s\r\n" % authorization)
@@ -176,11 +183,8 @@ class Proxy:
     ) -> Response:
         """One upstream request; follows Modal's own 303s (a web call past 150 s is answered
         with a redirect to the same URL plus ``__modal_function_call_id``), nothing else."""
-        head_only = method == "HEAD"
         for redirects in range(_MAX_MODAL_REDIRECTS + 1):
-            response = await self.connections.send(
-                target.origin, request, head_only=head_only, gone=gone
-            )
+            response = await self.connections.send(target.origin, request, method=method, gone=gone)
             if response.status != 303 or redirects == _MAX_MODAL_REDIRECTS:
                 return response
             location = response.header(b"location") or ""
@@ -192,7 +196,7 @@ class Proxy:
             response.abort()
             url = redirected.path + (f"?{redirected.query}" if redirected.query else "")
             request = _get_request(url, request)
-            head_only = False
+            method = "GET"
         return response
 
     async def _relay(
@@ -205,6 +209,12 @@ class Proxy:
     ) -> None:
         result.status = response.status
         raw = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
+        options = response.header(b"connection")
+        named = _connection_options(options.encode("latin-1")) if options else None
+        if named:
+            raw = [(k, v) for k, v in raw if k.lower() not in named]
+        if response.status in (204, 304):  # no body, whatever a length says
+            raw = [(k, v) for k, v in raw if k.lower() != b"content-length"]
         content_type = response.header(b"content-type") or ""
         result.stream = content_type.lower().startswith("text/event-stream")
         if result.stream:
@@ -246,6 +256,12 @@ class Proxy:
             result.client_gone = True
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _connection_options(value: bytes) -> frozenset[bytes]:
+    """Header names a ``Connection`` header makes hop-by-hop (RFC 9110 7.6.1)."""
+    named = {option.strip().lower() for option in value.split(b",")}
+    return frozenset(named - {b"", b"close", b"keep-alive"})
 
 
 def _authorization(api_key: str | None, target: _Target) -> bytes | None:

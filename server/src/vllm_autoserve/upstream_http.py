@@ -21,10 +21,15 @@ import httptools
 # buffered body, go on below a quarter of it (the kernel's buffers then hold the rest).
 _READ_HIGH_WATER = 256 * 1024
 _READ_LOW_WATER = _READ_HIGH_WATER // 4
-# A reused connection that dies this soon after the request was written, with no byte of an
-# answer, was closed by the upstream while idle (its keep-alive ran out): it never saw the
-# request, which may be sent again. Any later loss may be after the upstream acted on it.
-_STALE_WINDOW = 0.25
+# Idle connections are closed after this long: sooner than uvicorn's 5 s keep-alive (vLLM's
+# server), so it is the gateway that closes an idle connection, never the engine just as the
+# gateway writes the next request to it.
+_IDLE_SECONDS = 4.0
+# An answer's status line and headers together; more is not an HTTP answer worth relaying.
+_MAX_HEAD_BYTES = 256 * 1024
+# Requests that may be sent again when a reused connection dies before any byte of answer
+# (RFC 9110 9.2.2). Any other request may have been acted on: it is never sent twice.
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 class UpstreamError(Exception):
@@ -92,6 +97,9 @@ class Response:
     def _on_complete(self) -> None:
         if self._interim:
             self._interim = False
+            return
+        if not self.status:  # no headers yet: not this request's answer
+            self._fail(UpstreamError("upstream sent an answer without a status line"))
             return
         self._finish()
 
@@ -186,7 +194,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
-        self.written_at = 0.0
+        self._head_bytes = 0  # read before the answer's headers were complete
+        self._header_bytes = 0  # in the answer's header lines
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._owner: Response | None = None  # holds the connection until released
@@ -195,7 +204,7 @@ class _Connection(asyncio.Protocol):
     def start(self, response: Response, request: bytes) -> None:
         assert self._transport is not None
         self._owner = self._response = response
-        self.written_at = time.monotonic()
+        self._head_bytes = self._header_bytes = 0
         self._transport.write(request)
 
     def pause_reading(self) -> None:
@@ -239,6 +248,11 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser is None:
             return
+        if not response.status:  # the parser holds a header until it ends: bound what it holds
+            self._head_bytes += len(data)
+            if self._head_bytes > 4 * _MAX_HEAD_BYTES:
+                self._broken(UpstreamError("upstream sent over 256 KiB of headers"))
+                return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -276,21 +290,37 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is None or response.status:
+            # A second answer (or bytes after the end of one) to a single request: what
+            # follows would be taken for the next request's answer. Never reuse this one.
+            self.close()
+
+    # Once closed (a broken answer), whatever else the same read held is not parsed into it.
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
+        if self._response is not None and not self.closed:
+            self._header_bytes += len(name) + len(value)
+            if self._header_bytes > _MAX_HEAD_BYTES:
+                self._broken(UpstreamError("upstream sent over 256 KiB of headers"))
+                return
             self._response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self._response is not None and self._parser is not None:
+        if self._response is not None and self._parser is not None and not self.closed:
             status = self._parser.get_status_code()
+            if not 100 <= status <= 599:
+                self._broken(UpstreamError(f"upstream sent an invalid status {status}"))
+                return
             self._response._on_headers(status, self._parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        if self._response is not None:
+        if self._response is not None and not self.closed:
             self._response._on_body(body)
 
     def on_message_complete(self) -> None:
-        if self._response is not None:
+        if self._response is not None and not self.closed:
             self._response._on_complete()
 
 
@@ -301,7 +331,7 @@ class ConnectionPool:
         self,
         *,
         connect_timeout: float = 10.0,
-        idle_seconds: float = 30.0,
+        idle_seconds: float = _IDLE_SECONDS,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.connect_timeout = connect_timeout
@@ -315,14 +345,15 @@ class ConnectionPool:
         origin: Origin,
         request: bytes,
         *,
-        head_only: bool = False,
+        method: str = "POST",
         gone: asyncio.Future[None] | None = None,
     ) -> Response:
-        """Writes ``request`` (head and body, already encoded) and returns the answer once
-        its headers are in. When ``gone`` completes first, the connection is dropped at
-        once and ``UpstreamError`` raised. A reused connection that the upstream had
-        already closed (it answered nothing at all) is retried once on a new connection:
-        the upstream never saw the request."""
+        """Writes ``request`` (head and body, already encoded, for ``method``) and returns
+        the answer once its headers are in. When ``gone`` completes first, the connection is
+        dropped at once and ``UpstreamError`` raised. A GET, HEAD, OPTIONS or TRACE on a
+        reused connection that died before any byte of answer is sent once more on a new
+        connection; any other request may have been acted on, and is never sent twice."""
+        head_only = method == "HEAD"
         for attempt in range(2):
             connection = self._idle_connection(origin) or await self._connect(origin, gone)
             if gone is not None and gone.done():
@@ -341,12 +372,9 @@ class ConnectionPool:
                 return response
             except UpstreamError:
                 response.abort()
-                stale = (
-                    connection.reused
-                    and not response.received
-                    and time.monotonic() - connection.written_at < _STALE_WINDOW
-                )
-                if attempt == 0 and stale and not (gone is not None and gone.done()):
+                stale = connection.reused and not response.received
+                replay = attempt == 0 and stale and method in _REPLAYABLE
+                if replay and not (gone is not None and gone.done()):
                     continue
                 raise
             except BaseException:
