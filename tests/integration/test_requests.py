@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import trustme
 
@@ -52,7 +53,9 @@ BAD_AUTH = [
 
 @pytest.fixture(scope="module")
 def gateway():  # type: ignore[no-untyped-def]
-    cfg = "[gateway]\nmax_body_bytes = 100000\n" + fake_model("m", "--chunks", "3")
+    cfg = "[gateway]\nmax_body_bytes = 100000\n" + fake_model(
+        "m", "--chunks", "3", extra='aliases = ["m-alias"]'
+    )
     with running_gateway(cfg) as gw:
         yield gw
 
@@ -235,3 +238,30 @@ def _answers(url: str, verify: ssl.SSLContext) -> bool:
         return httpx.get(url, verify=verify, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("model", ["m", "m-alias"])
+def test_audio_transcription_with_the_official_sdk_is_routed_by_its_form_field(
+    gateway,  # type: ignore[no-untyped-def]
+    model: str,
+) -> None:
+    # The SDK sends the form's `model` first and the other fields after it: the gateway must
+    # read that one field, not run into the next; an alias goes upstream as the model's name.
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, max_retries=0)
+    audio = b"RIFF" + bytes(range(256)) * 40
+    result = client.audio.transcriptions.create(
+        model=model, file=("hello.wav", audio, "audio/wav"), language="en"
+    )
+    assert result.text == f"m heard {len(audio)} bytes in en"
+
+
+def test_an_alias_in_a_deeply_nested_body_is_a_400_not_a_crash(gateway) -> None:  # type: ignore[no-untyped-def]
+    deep = "[" * 1020 + "]" * 1020  # orjson reads it; a recursive parser would not
+    body = '{"model": "m-alias", "messages": [], "extra": ' + deep + "}"
+    with gateway.client() as c:
+        response = c.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert c.post("/v1/chat/completions", json={"model": "m-alias", **CHAT}).status_code == 200

@@ -194,6 +194,20 @@ class Engine:
         self.completed_streams += 1
         return response
 
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """Says what it was sent: the model, the language and the audio's size."""
+        denied = self.check_auth(request)
+        if denied:
+            return denied
+        self.count()
+        form = await request.post()
+        audio = form["file"]
+        assert isinstance(audio, web.FileField)
+        size = len(audio.file.read())
+        return web.json_response(
+            {"text": f"{form.get('model')} heard {size} bytes in {form.get('language', '?')}"}
+        )
+
     async def embeddings(self, request: web.Request) -> web.Response:
         denied = self.check_auth(request)
         if denied:
@@ -264,6 +278,7 @@ def main() -> None:
     app.router.add_get("/v1/chat/completions", engine.completions)
     app.router.add_post("/v1/completions", engine.completions)
     app.router.add_post("/v1/embeddings", engine.embeddings)
+    app.router.add_post("/v1/audio/transcriptions", engine.transcriptions)
     print("fake engine ready", flush=True)
     tls = None
     if args.tls_cert:

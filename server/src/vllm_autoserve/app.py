@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import re
 import time
@@ -25,7 +24,7 @@ from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
 from .errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
-from .inbound import ClientGone, DisconnectWatch, model_of, read_body
+from .inbound import ClientGone, DisconnectWatch, model_of, read_body, with_model
 from .logs import AccessEntry, AccessLog
 from .pools.base import Pool, PoolState, Upstream
 from .pools.registry import Pools
@@ -155,10 +154,10 @@ class GatewayApp:
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
-            requested, data = model_of(body, _header(scope, b"content-type"))
+            requested, form_value = model_of(body, _header(scope, b"content-type"))
             model = self.pools.resolve(requested)
-            if model != requested and data is not None:
-                body = _rename_model(body, model)
+            if model != requested:
+                body = with_model(body, model, form_value)
             pool = self.pools.get(model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
             gone = watch.gone
@@ -272,14 +271,6 @@ def _raw_path(scope: Scope) -> str:
     """The path as the client sent it (percent-encoding kept), for the upstream request."""
     raw: bytes | None = scope.get("raw_path")
     return raw.decode("latin-1") if raw else str(scope["path"])
-
-
-def _rename_model(body: bytes, model: str) -> bytes:
-    """The body with ``model`` replaced (an alias: the engine knows the canonical name).
-    The standard library's json keeps every number exactly as sent, big integers included."""
-    data = json.loads(body)
-    data["model"] = model
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
-from typing import Any
 
 import orjson
 
@@ -78,10 +78,10 @@ async def read_body(receive: Receive, limit: int, content_length: bytes | None) 
             return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
-def model_of(body: bytes, content_type: bytes | None) -> tuple[str, dict[str, Any] | None]:
-    """The requested model, and the parsed JSON body (None for multipart forms)."""
+def model_of(body: bytes, content_type: bytes | None) -> tuple[str, slice | None]:
+    """The requested model, and where its value is in a multipart form (None for JSON)."""
     if content_type and content_type.lower().startswith(b"multipart/form-data"):
-        return _multipart_model(body, content_type), None
+        return _multipart_model(body, content_type)
     if not body:
         raise BadRequest("request body is empty; a JSON object with 'model' is required")
     try:
@@ -98,27 +98,62 @@ def model_of(body: bytes, content_type: bytes | None) -> tuple[str, dict[str, An
     stream = data.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest(f"'stream' must be a boolean, not {_json_type(stream)}", param="stream")
-    return model, data
+    return model, None
 
 
-_BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.IGNORECASE)
-_MODEL_PART = re.compile(
-    rb'content-disposition:\s*form-data;\s*name="?model"?\s*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--',
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def _multipart_model(body: bytes, content_type: bytes) -> str:
-    """The ``model`` field of a form (audio transcription requests are multipart)."""
-    if not _BOUNDARY.search(content_type):
-        raise BadRequest("multipart request without a boundary")
-    found = _MODEL_PART.search(body)
-    if found is None:
-        raise BadRequest("'model' is required", param="model", code="missing_model")
+def with_model(body: bytes, model: str, form_value: slice | None) -> bytes:
+    """The body naming ``model`` instead (an alias: the engine knows the canonical name)."""
+    if form_value is not None:
+        return body[: form_value.start] + model.encode() + body[form_value.stop :]
+    # The standard library's json keeps every number exactly as sent, big integers included.
     try:
-        return found.group(1).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("'model' is not valid UTF-8", param="model") from None
+        data = json.loads(body)
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    data["model"] = model
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+_FIELD_NAME = re.compile(rb';\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
+
+
+def _multipart_model(body: bytes, content_type: bytes) -> tuple[str, slice]:
+    """The ``model`` field of a form (audio transcription requests are multipart), and
+    where its value is in the body."""
+    found = _BOUNDARY.search(content_type)
+    if found is None:
+        raise BadRequest("multipart request without a boundary")
+    delimiter = b"\r\n--" + (found.group(1) or found.group(2))
+    position = body.find(delimiter[2:])  # the first delimiter may start the body
+    while position != -1:
+        line_end = body.find(b"\r\n", position)
+        if line_end == -1 or body.startswith(b"--", position + len(delimiter) - 2):
+            break  # the closing delimiter, or a cut body
+        head_end = body.find(b"\r\n\r\n", line_end)
+        if head_end == -1:
+            break
+        value_end = body.find(delimiter, head_end + 4)
+        if value_end == -1:
+            break
+        if _names_model(body[line_end + 2 : head_end]):
+            value = slice(head_end + 4, value_end)
+            try:
+                return body[value].decode("utf-8"), value
+            except UnicodeDecodeError:
+                raise BadRequest("'model' is not valid UTF-8", param="model") from None
+        position = value_end + 2
+    raise BadRequest("'model' is required", param="model", code="missing_model")
+
+
+def _names_model(part_headers: bytes) -> bool:
+    """Whether a form part's headers make it the field ``model``."""
+    for line in part_headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-disposition":
+            field = _FIELD_NAME.search(value)
+            return field is not None and (field.group(1) or field.group(2)) == b"model"
+    return False
 
 
 def _json_type(value: object) -> str:

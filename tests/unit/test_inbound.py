@@ -1,0 +1,68 @@
+"""Finding the model a request names: the `model` field of a multipart form exactly, and
+an alias replaced in both kinds of body."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_autoserve.errors import BadRequest
+from vllm_autoserve.inbound import model_of, with_model
+
+FORM = b"multipart/form-data; boundary=XyZ"
+
+
+def form(*parts: tuple[bytes, bytes]) -> bytes:
+    body = b"".join(b"--XyZ\r\n" + head + b"\r\n\r\n" + value + b"\r\n" for head, value in parts)
+    return body + b"--XyZ--\r\n"
+
+
+def field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    return b'Content-Disposition: form-data; name="' + name + b'"', value
+
+
+AUDIO = (
+    b'Content-Disposition: form-data; name="file"; filename="model"\r\nContent-Type: audio/wav',
+    b"RIFF\r\n--Xy\r\n\x00\xff",
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        form(field(b"model", b"org/whisper"), field(b"language", b"en"), AUDIO),  # the SDK's order
+        form(AUDIO, field(b"language", b"en"), field(b"model", b"org/whisper")),
+        form((b"content-disposition: form-data;name=model", b"org/whisper"), AUDIO),
+        b"preamble\r\n" + form(field(b"model_size", b"big"), field(b"model", b"org/whisper")),
+    ],
+    ids=["model-first", "model-last", "unquoted", "similar-name"],
+)
+def test_the_model_field_of_a_form_is_read_exactly(body: bytes) -> None:
+    model, where = model_of(body, FORM)
+    assert model == "org/whisper"
+    renamed = with_model(body, "org/whisper-large", where)
+    assert model_of(renamed, FORM)[0] == "org/whisper-large"
+    assert renamed.replace(b"org/whisper-large", b"org/whisper") == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [form(AUDIO, field(b"language", b"en")), form(AUDIO)[:-9], b"", b"--XyZ\r\n"],
+    ids=["no-model-field", "cut-body", "empty", "cut-head"],
+)
+def test_a_form_without_a_model_field_is_a_400(body: bytes) -> None:
+    with pytest.raises(BadRequest, match="'model' is required"):
+        model_of(body, FORM)
+
+
+def test_a_quoted_boundary_is_understood() -> None:
+    body = form(field(b"model", b"m"))
+    assert model_of(body, b'multipart/form-data; boundary="XyZ"')[0] == "m"
+
+
+def test_an_alias_in_json_is_replaced_and_every_number_kept() -> None:
+    body = b'{"model": "alias", "seed": 123456789012345678901234567890, "t": 0.1000}'
+    model, where = model_of(body, b"application/json")
+    assert (model, where) == ("alias", None)
+    assert with_model(body, "org/m", where) == (
+        b'{"model":"org/m","seed":123456789012345678901234567890,"t":0.1}'
+    )
