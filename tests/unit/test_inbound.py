@@ -54,6 +54,19 @@ def test_a_form_without_a_model_field_is_a_400(body: bytes) -> None:
         model_of(body, FORM)
 
 
+def test_a_form_naming_the_model_twice_is_a_400() -> None:
+    # The gateway would route by one and the engine (Starlette) read the other.
+    body = form(field(b"model", b"a"), AUDIO, field(b"model", b"b"))
+    with pytest.raises(BadRequest, match="twice"):
+        model_of(body, FORM)
+
+
+def test_a_form_of_too_many_parts_is_refused_before_it_costs_much() -> None:
+    body = form(field(b"model", b"m"), *[field(b"x", b"")] * 1000)
+    with pytest.raises(BadRequest, match="over 1000 parts"):
+        model_of(body, FORM)
+
+
 def test_a_quoted_boundary_is_understood() -> None:
     body = form(field(b"model", b"m"))
     assert model_of(body, b'multipart/form-data; boundary="XyZ"')[0] == "m"

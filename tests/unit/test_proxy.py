@@ -110,7 +110,8 @@ async def test_the_raw_path_and_query_go_upstream_byte_for_byte() -> None:
 
 async def test_headers_a_connection_header_names_stay_behind_both_ways() -> None:
     answer = answering(
-        b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: engine\r\nX-Kept: yes\r\n"
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Hop\r\nX-Hop: engine\r\n"
+        b"X-Kept: yes\r\n"
         b"Content-Length: 2\r\n\r\nok"
     )
     async with serving(answer) as server:

@@ -285,6 +285,38 @@ async def test_answers_no_client_could_take_are_upstream_errors(answer: bytes) -
     pool.close()
 
 
+async def test_the_idle_clock_starts_when_the_answer_ends_not_when_it_is_released() -> None:
+    # The upstream's keep-alive runs from the end of its answer; a slow client may take
+    # longer than that to read it. Such a connection is not used again.
+    pool = ConnectionPool(idle_seconds=0.2)
+    async with serving(keep_alive_ok) as server:
+        response = await pool.send(origin(server), POST)
+        await asyncio.sleep(0.3)  # the answer is complete; the client reads slowly
+        assert await body_of(response) == b"hello"
+        assert await body_of(await pool.send(origin(server), POST)) == b"hello"
+    pool.close()
+    assert server.connections == 2
+
+
+async def test_a_trailer_that_never_ends_is_cut_off_not_buffered() -> None:
+    async def endless_trailer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX: ")
+        for _ in range(64):
+            writer.write(b"x" * 65536)
+            await writer.drain()
+        await reader.read()
+
+    pool = ConnectionPool()
+    async with serving(endless_trailer) as server:
+        response = await pool.send(origin(server), POST)
+        with pytest.raises(UpstreamError, match="over 1 MiB"):
+            await asyncio.wait_for(body_of(response), 5)
+    pool.close()
+
+
 async def test_a_header_that_never_ends_is_cut_off_not_buffered() -> None:
     async def endless_header(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
@@ -298,7 +330,7 @@ async def test_a_header_that_never_ends_is_cut_off_not_buffered() -> None:
 
     pool = ConnectionPool()
     async with serving(endless_header) as server:
-        with pytest.raises(UpstreamError, match="256 KiB"):
+        with pytest.raises(UpstreamError, match="over 1 MiB"):
             await asyncio.wait_for(pool.send(origin(server), POST), 5)
     pool.close()
 

@@ -114,6 +114,7 @@ def with_model(body: bytes, model: str, form_value: slice | None) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_MAX_FORM_PARTS = 1000  # as Starlette (vLLM's server) allows
 _BOUNDARY = re.compile(rb'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 _FIELD_NAME = re.compile(rb';\s*name\s*=\s*(?:"([^"]*)"|([^;\s]+))', re.IGNORECASE)
 
@@ -125,6 +126,8 @@ def _multipart_model(body: bytes, content_type: bytes) -> tuple[str, slice]:
     if found is None:
         raise BadRequest("multipart request without a boundary")
     delimiter = b"\r\n--" + (found.group(1) or found.group(2))
+    value: slice | None = None
+    parts = 0
     position = body.find(delimiter[2:])  # the first delimiter may start the body
     while position != -1:
         line_end = body.find(b"\r\n", position)
@@ -136,14 +139,20 @@ def _multipart_model(body: bytes, content_type: bytes) -> tuple[str, slice]:
         value_end = body.find(delimiter, head_end + 4)
         if value_end == -1:
             break
+        parts += 1
+        if parts > _MAX_FORM_PARTS:
+            raise BadRequest(f"the form has over {_MAX_FORM_PARTS} parts")
         if _names_model(body[line_end + 2 : head_end]):
+            if value is not None:  # the gateway and the engine could each take another
+                raise BadRequest("the form gives 'model' twice", param="model")
             value = slice(head_end + 4, value_end)
-            try:
-                return body[value].decode("utf-8"), value
-            except UnicodeDecodeError:
-                raise BadRequest("'model' is not valid UTF-8", param="model") from None
         position = value_end + 2
-    raise BadRequest("'model' is required", param="model", code="missing_model")
+    if value is None:
+        raise BadRequest("'model' is required", param="model", code="missing_model")
+    try:
+        return body[value].decode("utf-8"), value
+    except UnicodeDecodeError:
+        raise BadRequest("'model' is not valid UTF-8", param="model") from None
 
 
 def _names_model(part_headers: bytes) -> bool:

@@ -208,10 +208,16 @@ class Proxy:
         label: str,
     ) -> None:
         result.status = response.status
-        raw = [(k, v) for k, v in response.headers if k.lower() not in _RESPONSE_DROP]
-        options = response.header(b"connection")
-        named = _connection_options(options.encode("latin-1")) if options else None
-        if named:
+        raw = []
+        options = b""  # the upstream's Connection header: more hop-by-hop header names
+        for name, value in response.headers:
+            lowered = name.lower()
+            if lowered not in _RESPONSE_DROP:
+                raw.append((name, value))
+            elif lowered == b"connection":
+                options += b"," + value
+        if options and options.lower() not in _PLAIN_CONNECTION:
+            named = _connection_options(options)
             raw = [(k, v) for k, v in raw if k.lower() not in named]
         if response.status in (204, 304):  # no body, whatever a length says
             raw = [(k, v) for k, v in raw if k.lower() != b"content-length"]

@@ -25,8 +25,11 @@ _READ_LOW_WATER = _READ_HIGH_WATER // 4
 # server), so it is the gateway that closes an idle connection, never the engine just as the
 # gateway writes the next request to it.
 _IDLE_SECONDS = 4.0
-# An answer's status line and headers together; more is not an HTTP answer worth relaying.
-_MAX_HEAD_BYTES = 256 * 1024
+# An answer's header lines together; more is not an HTTP answer worth relaying.
+_MAX_HEADER_BYTES = 256 * 1024
+# The parser keeps a header (or trailer) line until it ends: bytes read without the parser
+# getting anywhere (no headers complete, no body) are bounded by this.
+_MAX_UNPARSED_BYTES = 1024 * 1024
 # Requests that may be sent again when a reused connection dies before any byte of answer
 # (RFC 9110 9.2.2). Any other request may have been acted on: it is never sent twice.
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -193,8 +196,8 @@ class _Connection(asyncio.Protocol):
         self.loop = loop
         self.closed = False
         self.reused = False
-        self.idle_since = 0.0
-        self._head_bytes = 0  # read before the answer's headers were complete
+        self.idle_since = 0.0  # when the last answer was complete: the upstream's idle clock
+        self._unparsed_bytes = 0  # read since the parser last got somewhere
         self._header_bytes = 0  # in the answer's header lines
         self._transport: asyncio.Transport | None = None
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
@@ -204,7 +207,7 @@ class _Connection(asyncio.Protocol):
     def start(self, response: Response, request: bytes) -> None:
         assert self._transport is not None
         self._owner = self._response = response
-        self._head_bytes = self._header_bytes = 0
+        self._unparsed_bytes = self._header_bytes = 0
         self._transport.write(request)
 
     def pause_reading(self) -> None:
@@ -218,6 +221,7 @@ class _Connection(asyncio.Protocol):
     def response_done(self, response: Response) -> None:
         if self._response is response:
             self._response = None
+            self.idle_since = time.monotonic()
 
     def finish(self, response: Response, reusable: bool) -> None:
         if self._owner is not response:  # released already; may be someone else's by now
@@ -248,11 +252,10 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         if parser is None:
             return
-        if not response.status:  # the parser holds a header until it ends: bound what it holds
-            self._head_bytes += len(data)
-            if self._head_bytes > 4 * _MAX_HEAD_BYTES:
-                self._broken(UpstreamError("upstream sent over 256 KiB of headers"))
-                return
+        self._unparsed_bytes += len(data)
+        if self._unparsed_bytes > _MAX_UNPARSED_BYTES:
+            self._broken(UpstreamError("upstream sent a header or trailer line over 1 MiB"))
+            return
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -302,7 +305,7 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None and not self.closed:
             self._header_bytes += len(name) + len(value)
-            if self._header_bytes > _MAX_HEAD_BYTES:
+            if self._header_bytes > _MAX_HEADER_BYTES:
                 self._broken(UpstreamError("upstream sent over 256 KiB of headers"))
                 return
             self._response.headers.append((name, value))
@@ -313,10 +316,12 @@ class _Connection(asyncio.Protocol):
             if not 100 <= status <= 599:
                 self._broken(UpstreamError(f"upstream sent an invalid status {status}"))
                 return
+            self._unparsed_bytes = 0
             self._response._on_headers(status, self._parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None and not self.closed:
+            self._unparsed_bytes = 0
             self._response._on_body(body)
 
     def on_message_complete(self) -> None:
@@ -388,7 +393,6 @@ class ConnectionPool:
     def put_back(self, connection: _Connection) -> None:
         now = time.monotonic()
         connection.reused = True
-        connection.idle_since = now
         self._idle.setdefault(connection.origin, []).append(connection)
         if now - self._swept > self.idle_seconds:
             self._swept = now
