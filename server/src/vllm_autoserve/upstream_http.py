@@ -399,7 +399,8 @@ class ConnectionPool:
             self._close_idle_before(now - self.idle_seconds)
 
     def _close_idle_before(self, moment: float) -> None:
-        """Close connections idle since before ``moment`` (the oldest are at the front)."""
+        """Close connections idle since before ``moment``. The list is in the order they were
+        put back, so nearly all of them are at its front; one missed here is closed when taken."""
         for idle in self._idle.values():
             while idle and idle[0].idle_since < moment:
                 idle.pop(0).close()
