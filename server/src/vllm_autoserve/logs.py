@@ -41,6 +41,20 @@ class AccessEntry(NamedTuple):
             f"duration={self.duration:.3f} held={self.held:.3f} bytes_out={self.bytes_out}{broke}"
         )
 
+    def record(self) -> logging.LogRecord:
+        """The entry as a ``LogRecord``, for logging set-ups other than the gateway's."""
+        return logging.makeLogRecord(
+            {
+                "name": ACCESS_LOGGER,
+                "levelno": logging.INFO,
+                "levelname": "INFO",
+                "msg": self.message(),
+                "created": self.created,
+                "msecs": self.msecs,
+                "fields": self.fields(),
+            }
+        )
+
     def fields(self) -> dict[str, Any]:
         """The values as keys of a JSON line (``extra={"fields": ...}`` of a record)."""
         return {
@@ -78,7 +92,7 @@ class AccessLog:
         ):
             handlers[0].add(entry)
             return
-        logger.info("%s", entry.message(), extra={"fields": entry.fields()})
+        logger.handle(entry.record())
 
 
 class _PerSecond:
@@ -196,17 +210,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         formatter = self.formatter
         if isinstance(formatter, TextFormatter | JsonFormatter):
             return formatter.format_access(entry)
-        record = logging.makeLogRecord(
-            {
-                "name": ACCESS_LOGGER,
-                "levelno": logging.INFO,
-                "levelname": "INFO",
-                "msg": entry.message(),
-                "created": entry.created,
-                "fields": entry.fields(),
-            }
-        )
-        return self.format(record)
+        return self.format(entry.record())
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

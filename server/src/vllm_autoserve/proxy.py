@@ -132,17 +132,7 @@ class Proxy:
             b"%s %s HTTP/1.1\r\nHost: %s\r\n"
             % (method.encode(), url.encode("latin-1"), target.host_header)
         ]
-        options = b""  # the client's Connection header: more hop-by-hop header names
-        for name, value in headers:
-            lowered = name.lower()
-            if lowered not in _REQUEST_DROP:
-                lines.append(b"%s: %s\r\n" % (name, value))
-            elif lowered == b"connection":
-                options += b"," + value
-        if options and options.lower() not in _PLAIN_CONNECTION:
-            named = _connection_options(options)
-            if named:
-                lines[1:] = [x for x in lines[1:] if x.split(b":", 1)[0].lower() not in named]
+        lines.extend(b"%s: %s\r\n" % header for header in _end_to_end(headers, _REQUEST_DROP))
         authorization = _authorization(upstream.api_key, target)
         if authorization:
             lines.append(b"Authorization: %s\r\n" % authorization)
@@ -208,17 +198,7 @@ class Proxy:
         label: str,
     ) -> None:
         result.status = response.status
-        raw = []
-        options = b""  # the upstream's Connection header: more hop-by-hop header names
-        for name, value in response.headers:
-            lowered = name.lower()
-            if lowered not in _RESPONSE_DROP:
-                raw.append((name, value))
-            elif lowered == b"connection":
-                options += b"," + value
-        if options and options.lower() not in _PLAIN_CONNECTION:
-            named = _connection_options(options)
-            raw = [(k, v) for k, v in raw if k.lower() not in named]
+        raw = _end_to_end(response.headers, _RESPONSE_DROP)
         if response.status in (204, 304):  # no body, whatever a length says
             raw = [(k, v) for k, v in raw if k.lower() != b"content-length"]
         content_type = response.header(b"content-type") or ""
@@ -264,10 +244,23 @@ class Proxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _connection_options(value: bytes) -> frozenset[bytes]:
-    """Header names a ``Connection`` header makes hop-by-hop (RFC 9110 7.6.1)."""
-    named = {option.strip().lower() for option in value.split(b",")}
-    return frozenset(named - {b"", b"close", b"keep-alive"})
+def _end_to_end(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` without those in ``drop`` (hop-by-hop ones among them) and without those
+    a ``Connection`` header names (RFC 9110 7.6.1)."""
+    kept = []
+    options = b""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in drop:
+            kept.append((name, value))
+        elif lowered == b"connection":
+            options += b"," + value
+    if options and options.lower() not in _PLAIN_CONNECTION:
+        named = {option.strip().lower() for option in options.split(b",")}
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 def _authorization(api_key: str | None, target: _Target) -> bytes | None:

@@ -195,7 +195,6 @@ class _Connection(asyncio.Protocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self.loop = loop
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0  # when the last answer was complete: the upstream's idle clock
         self._unparsed_bytes = 0  # read since the parser last got somewhere
         self._header_bytes = 0  # in the answer's header lines
@@ -360,7 +359,10 @@ class ConnectionPool:
         connection; any other request may have been acted on, and is never sent twice."""
         head_only = method == "HEAD"
         for attempt in range(2):
-            connection = self._idle_connection(origin) or await self._connect(origin, gone)
+            connection = self._idle_connection(origin)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(origin, gone)
             if gone is not None and gone.done():
                 connection.close()
                 raise UpstreamError("the client left before the request was sent")
@@ -377,7 +379,7 @@ class ConnectionPool:
                 return response
             except UpstreamError:
                 response.abort()
-                stale = connection.reused and not response.received
+                stale = reused and not response.received
                 replay = attempt == 0 and stale and method in _REPLAYABLE
                 if replay and not (gone is not None and gone.done()):
                     continue
@@ -392,7 +394,6 @@ class ConnectionPool:
 
     def put_back(self, connection: _Connection) -> None:
         now = time.monotonic()
-        connection.reused = True
         self._idle.setdefault(connection.origin, []).append(connection)
         if now - self._swept > self.idle_seconds:
             self._swept = now
