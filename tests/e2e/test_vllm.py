@@ -63,6 +63,16 @@ def test_models_are_listed_through_the_gateway(vllm_gateway: Gateway) -> None:
     assert {"tiny-a", "tiny", "tiny-b"} <= ids
 
 
+def test_json_sent_the_way_curl_d_sends_it_is_answered_by_vllm(vllm_gateway: Gateway) -> None:
+    """``curl -d`` says form-urlencoded, which vLLM refuses: the gateway says JSON."""
+    body = b'{"model": "tiny-a", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}'
+    with vllm_gateway.client(timeout=400) as c:
+        response = c.post("/v1/chat/completions", content=body,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+
+
 def test_vllm_own_400_passes_through_unchanged(vllm_gateway: Gateway) -> None:
     sdk = openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key,
                         max_retries=0)

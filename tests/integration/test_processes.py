@@ -109,7 +109,11 @@ def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
                     received += chunk
         assert b"[DONE]" not in received
         assert b"upstream_disconnected" in received
+        assert b"127.0.0.1" not in received  # the engine's address stays in the gateway
         wait_for(lambda: gw.status()["m"]["state"] == "failed")
+        log = gw.log()
+        assert "broke off its answer" in log
+        assert "ASGI callable returned without completing" not in log  # cut on purpose
 
 
 def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
@@ -200,6 +204,7 @@ def test_engine_answering_garbage_is_a_502_and_the_gateway_keeps_serving() -> No
         response = c.post("/v1/chat/completions", json={"model": "garbage", **CHAT})
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upstream_unavailable"
+        assert "127.0.0.1" not in response.text and "garbage" in response.text
         assert c.post("/v1/chat/completions", json={"model": "fine", **CHAT}).status_code == 200
         assert httpx.get(gw.url + "/health").status_code == 200
 

@@ -195,3 +195,48 @@ def test_up_accepts_json_sent_by_curl_d_without_a_content_type() -> None:
         response = c.post("/up", content=b'{"model_path": "m", "wait": 10}',
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert response.status_code == 200 and response.json()["status"] == "healthy"
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None])
+def test_chat_sent_by_curl_d_reaches_the_engine_as_json(content_type: str | None) -> None:
+    """`curl -d '{...}' /v1/chat/completions` was routed by its JSON body but forwarded as
+    form-urlencoded, which vLLM refuses (400) - after starting the engine for it."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        response = c.post("/v1/chat/completions", headers=headers,
+                          content=b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+
+
+def test_refused_keys_and_gateway_errors_are_in_the_access_log_and_metrics() -> None:
+    """Requests refused for their key left no access line and no count, so failed-key
+    attempts were invisible; the gateway's own error answers were logged as 0 bytes."""
+    with running_gateway(fake_model("m")) as gw, gw.client() as c:
+        refused = httpx.post(gw.url + "/v1/chat/completions", json={"model": "m", **CHAT},
+                             headers={"Authorization": "Bearer wrong"})
+        assert refused.status_code == 401
+        unknown = c.post("/v1/chat/completions", json={"model": "m", "messages": 1, "stream": 2})
+        assert unknown.status_code == 400
+        wait_for(lambda: "status=400" in gw.log() and "status=401" in gw.log())
+        lines = gw.log().splitlines()
+        refused_line = next(line for line in lines if "status=401" in line)
+        assert "route=/v1/chat/completions" in refused_line
+        assert "Bearer" not in refused_line and "wrong" not in refused_line
+        bad_line = next(line for line in lines if "status=400" in line)
+        assert f"bytes_out={len(unknown.content)}" in bad_line
+        scraped = c.get("/metrics").text
+        assert 'status="401"' in scraped and 'status="400"' in scraped
+
+
+def test_opening_the_model_list_opens_its_entries() -> None:
+    """With `public_routes = ["/v1/models"]`, `models.list()` worked without a key but
+    `models.retrieve()` got a 401; and a retrieved entry lacked the list's `state`."""
+    cfg = '[gateway]\npublic_routes = ["/v1/models"]\n' + fake_model("m")
+    with running_gateway(cfg) as gw:
+        listed = httpx.get(gw.url + "/v1/models").json()["data"]
+        one = httpx.get(gw.url + "/v1/models/m")
+        assert one.status_code == 200
+        assert one.json() == next(entry for entry in listed if entry["id"] == "m")
+        assert one.json()["state"] == "cold"
+        assert httpx.get(gw.url + "/status").status_code == 401  # the rest stays closed

@@ -99,6 +99,17 @@ class Engine:
         if request.method == "GET":  # the redirected call of --modal-redirect
             return web.json_response({"id": "cmpl-redirected", "object": "chat.completion",
                                       "model": "fake", "choices": [], "usage": None})
+        if request.content_type != "application/json":  # as vLLM's validate_json_request
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Unsupported Media Type: Only 'application/json' is allowed",
+                        "type": "Bad Request",
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
         body = await request.json()
         model = body.get("model", "")
         if self.args.modal_redirect:

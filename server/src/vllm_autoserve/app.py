@@ -70,6 +70,8 @@ class GatewayApp:
         self._public = {"/health", *config.gateway.public_routes}
         if "/status" in self._public:
             self._public.add("/v1/status")
+        # Opening the model list opens its entries too (``models.retrieve``).
+        self._public_prefix = "/v1/models/" if "/v1/models" in self._public else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -85,18 +87,25 @@ class GatewayApp:
         if path == "/health":
             await send_bytes(send, 200, _HEALTH_BODY, _JSON)
             return
-        if path not in self._public and not self.keys.allows(_header(scope, b"authorization")):
-            error = Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
-            await send_bytes(send, error.status, error.body_bytes(), error.headers())
-            return
         if (
             path.startswith("/v1/")
             and path not in _CONTROL_PATHS
             and not path.startswith("/v1/models/")
         ):
-            await self._pass_through(scope, receive, send)
+            await self._pass_through(scope, receive, send)  # checks the key itself
+            return
+        if not self._allowed(scope, path):
+            error = _unauthorized()
+            await send_bytes(send, error.status, error.body_bytes(), error.headers())
             return
         await self._control(scope, receive, send)
+
+    def _allowed(self, scope: Scope, path: str) -> bool:
+        if path in self._public or (
+            self._public_prefix is not None and path.startswith(self._public_prefix)
+        ):
+            return True
+        return self.keys.allows(_header(scope, b"authorization"))
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway's own routes, with their (small) bodies read within a limit first."""
@@ -149,12 +158,19 @@ class GatewayApp:
         held = 0.0
         outcome = Forwarded()
         try:
+            if not self._allowed(scope, path):  # refused here, so that it is logged and counted
+                raise _unauthorized()
             if _CONTROL_CHARS.search(path):
                 raise BadRequest("the path contains control characters")
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
-            requested, form_value = model_of(body, _header(scope, b"content-type"))
+            content_type = _header(scope, b"content-type")
+            requested, form_value = model_of(body, content_type)
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            if form_value is None and not _is_json(content_type):
+                # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
+                headers = _with_json_content_type(headers)
             model = self.pools.resolve(requested)
             if model != requested:
                 body = with_model(body, model, form_value)
@@ -175,14 +191,16 @@ class GatewayApp:
                 overhead = time.perf_counter() - started - held
                 metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
-                    outcome = await self._forward(pool, upstream, scope, body, send, gone)
+                    outcome = await self._forward(pool, upstream, scope, headers, body, send, gone)
             finally:
                 watch.stop()
         except ClientGone:
             outcome.client_gone = True
         except GatewayError as error:
             outcome.status = error.status
-            await send_bytes(send, error.status, error.body_bytes(), error.headers())
+            error_body = error.body_bytes()
+            outcome.bytes_out = len(error_body)
+            await send_bytes(send, error.status, error_body, error.headers())
         finally:
             elapsed = time.perf_counter() - started
             status = str(outcome.status) if not outcome.client_gone else "499"
@@ -222,6 +240,7 @@ class GatewayApp:
         pool: Pool,
         upstream: Upstream,
         scope: Scope,
+        headers: list[tuple[bytes, bytes]],
         body: bytes,
         send: Send,
         gone: asyncio.Future[None],
@@ -232,7 +251,7 @@ class GatewayApp:
                 method=scope["method"],
                 path=_raw_path(scope),
                 query=scope["query_string"],
-                headers=scope["headers"],
+                headers=headers,
                 body=body,
                 send=send,
                 gone=gone,
@@ -256,15 +275,26 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def _as_json(scope: Scope, body: bytes) -> Scope:
     """A JSON body sent without its content type (``curl -d`` says form-urlencoded) is
     taken as JSON, as the pass-through does."""
-    content_type = _header(scope, b"content-type") or b""
-    if not body or content_type.startswith(b"application/json"):
+    if not body or _is_json(_header(scope, b"content-type")):
         return scope
     try:
         orjson.loads(body)
     except orjson.JSONDecodeError:
         return scope
-    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+    return {**scope, "headers": _with_json_content_type(scope["headers"])}
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type.lower().startswith(b"application/json")
+
+
+def _with_json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+    return [*kept, (b"content-type", b"application/json")]
+
+
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
 
 
 def _raw_path(scope: Scope) -> str:

@@ -24,7 +24,7 @@ from .errors import (
     NotFound,
 )
 from .pools.registry import Pools
-from .pools.status import PoolState
+from .pools.status import ModelEntry, PoolState
 
 _MODAL_SAFE_WAIT = 140.0  # stay under a web request's 150 s limit on Modal
 
@@ -116,36 +116,30 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         """Every known pool."""
         return {"pools": [s.as_json() for s in pools.statuses()]}
 
+    def model_entry(entry: ModelEntry, states: dict[str, PoolState]) -> dict[str, Any]:
+        return {
+            "id": entry.id,
+            "object": "model",
+            "created": entry.created,
+            "owned_by": "vllm-autoserve",
+            "root": entry.root,
+            "state": states.get(entry.root, PoolState.COLD).value,
+        }
+
+    def pool_states() -> dict[str, PoolState]:
+        return {s.model: s.state for s in pools.statuses()}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """OpenAI's model list: configured models and aliases, plus running ones."""
-        states = {s.model: s.state for s in pools.statuses()}
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": entry.id,
-                    "object": "model",
-                    "created": entry.created,
-                    "owned_by": "vllm-autoserve",
-                    "root": entry.root,
-                    "state": states.get(entry.root, PoolState.COLD).value,
-                }
-                for entry in pools.listing()
-            ],
-        }
+        states = pool_states()
+        return {"object": "list", "data": [model_entry(e, states) for e in pools.listing()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         for entry in pools.listing():
             if entry.id == model_id:
-                return {
-                    "id": entry.id,
-                    "object": "model",
-                    "created": entry.created,
-                    "owned_by": "vllm-autoserve",
-                    "root": entry.root,
-                }
+                return model_entry(entry, pool_states())
         raise ModelNotFound(f"[{model_id[:256]}] is not a known model", param="model")
 
     @app.get("/metrics", include_in_schema=False)

@@ -231,3 +231,15 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     access = logging.getLogger(ACCESS_LOGGER)
     access.handlers[:] = [batched]
     access.propagate = False
+    server = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DeliberatelyCutAnswers) for f in server.filters):
+        server.addFilter(DeliberatelyCutAnswers())
+
+
+class DeliberatelyCutAnswers(logging.Filter):
+    """Drops uvicorn's ERROR for an answer the app ended without completing it: the gateway
+    does that on purpose when an engine breaks off its answer (so that no client takes the
+    cut answer for a whole one), and has already logged a warning saying which engine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "ASGI callable returned without completing response."

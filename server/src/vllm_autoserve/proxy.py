@@ -153,7 +153,9 @@ class Proxy:
             if gone.done():  # the client left first; the upstream was told by the close
                 result.client_gone = True
                 return result
-            raise UpstreamUnavailable(f"upstream did not answer: {exc}") from None
+            # The engine's address stays in the gateway's log, never in a client's answer.
+            log.warning("%s: the engine did not answer: %s", label, exc)
+            raise UpstreamUnavailable(f"the engine serving '{label}' did not answer") from None
 
         def close_upstream(_: object) -> None:
             response.abort()
@@ -218,13 +220,18 @@ class Proxy:
                 result.client_gone = True
                 return
             result.upstream_broke = True
-            log.warning("upstream broke off the response after %d bytes: %s", result.bytes_out, exc)
+            log.warning(
+                "%s: the engine broke off its answer after %d bytes: %s",
+                label,
+                result.bytes_out,
+                exc,
+            )
             if result.stream:
                 # Say why in the stream itself, then end the connection without the final
                 # chunk so that no client can take the cut answer for a complete one.
                 error = {
                     "error": {
-                        "message": f"upstream broke off the stream: {exc}",
+                        "message": f"the engine serving '{label}' broke off the stream",
                         "type": "engine_error",
                         "code": "upstream_disconnected",
                     }
