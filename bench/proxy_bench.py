@@ -1,6 +1,6 @@
 """Proxy overhead budget: the gateway against direct access to a fast upstream, in one run.
 
-    uv run python bench/proxy_bench.py [--quick] [--no-peers] [--compare-src DIR]
+    uv run python bench/proxy_bench.py [--quick] [--no-peers] [--upstream vllm-front]
 
 Starts the stand-in upstream (``upstream.py``), the real gateway (``vllm-autoserve serve``)
 in front of it, nginx and LiteLLM's proxy as peers when installed, and a load generator in a
@@ -10,7 +10,8 @@ machine does meanwhile hits all targets alike. Then: memory with 1,000 open stre
 profile of the gateway under load (py-spy, when installed) and the cold-start path.
 
 The measured part of ``bench/RESULTS.md`` (between its ``bench:begin``/``bench:end``
-markers) is rewritten; the rest of the file (the analysis) is kept. ``--out FILE`` writes
+markers; ``bench-vllm-front:...`` with ``--upstream vllm-front``) is rewritten; the rest of
+the file (the analysis) is kept. ``--out FILE`` writes
 elsewhere. See bench/README.md.
 """
 
@@ -57,7 +58,15 @@ from stack import (
 )
 
 RESULTS = BENCH_DIR / "RESULTS.md"
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Each stand-in's measured block in the results file, between its own markers.
+UPSTREAM_KINDS = {
+    "bare": ("bench", "`upstream.py` (raw asyncio and httptools: as cheap as an upstream gets)"),
+    "vllm-front": (
+        "bench-vllm-front",
+        "`upstream_vllm_front.py` (vLLM {version}'s own HTTP front, uvicorn + FastAPI + its "
+        "request and response models, answering at once: no template, tokenizer or model)",
+    ),
+}
 
 # The budget of issue 6, as ratios to direct access in the same run.
 BUDGET = {
@@ -114,7 +123,7 @@ class Run:
     def start(self) -> None:
         args = self.args
         self.log(f"work dir {self.workdir}")
-        self.upstream = start_upstream(self.workdir)
+        self.upstream = start_upstream(self.workdir, kind=args.upstream)
         self.procs.append(self.upstream)
         self.targets["direct"] = (self.upstream.url, None)
         gateway = start_gateway(self.workdir, self.upstream.url, src=args.gateway_src)
@@ -651,6 +660,12 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**pass**" if ok else "**MISS**")
 
 
+def _upstream_text(run: Run) -> str:
+    from vllm_autoserve.cpu_engine import CPU_ENGINE_VERSION
+
+    return UPSTREAM_KINDS[run.args.upstream][1].format(version=CPU_ENGINE_VERSION)
+
+
 def render(run: Run, command: str, started: dt.datetime) -> str:
     res = run.results
     sc: dict[str, dict[str, Any]] = defaultdict(dict, res["scenarios"])
@@ -663,7 +678,7 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']}, Python {m['python']}, "
         f"Linux {m['kernel']}; {m['libraries']}; nginx {m['nginx']}. Load generator: "
         f"`loadgen.py` ({run.args.client} client) in its own process; saturation: "
-        f"{res.get('saturation_tool', '—')}.\n"
+        f"{res.get('saturation_tool', '—')}. Stand-in upstream (`direct`): {_upstream_text(run)}.\n"
     )
     for name, why in res.get("failed", {}).items():
         w(f"- **scenario {name} failed**: {why.splitlines()[0] if why else ''}")
@@ -878,13 +893,14 @@ def render(run: Run, command: str, started: dt.datetime) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str, path: Path) -> None:
-    block = f"{BEGIN}\n{text}\n{END}"
+def write_results(text: str, path: Path, marker: str) -> None:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{begin}\n{text}\n{end}"
     if path.exists():
         current = path.read_text()
-        if BEGIN in current and END in current:
-            head, rest = current.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
+        if begin in current and end in current:
+            head, rest = current.split(begin, 1)
+            _, tail = rest.split(end, 1)
             path.write_text(head + block + tail)
             return
         path.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
@@ -927,6 +943,13 @@ def main() -> int:
         default="",
         help="comma-separated floor.py proxies to measure too: raw,aiohttp,splice ('KIND-floor')",
     )
+    parser.add_argument(
+        "--upstream",
+        choices=list(UPSTREAM_KINDS),
+        default="bare",
+        help="the stand-in engine: bare (raw asyncio, default) or vllm-front (vLLM's HTTP "
+        "front, no model; its results go to their own block of the results file)",
+    )
     parser.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` script")
     parser.add_argument("--py-spy", default=None, help="path of py-spy")
     parser.add_argument("--out", default=str(RESULTS), help="markdown file to write")
@@ -958,7 +981,7 @@ def main() -> int:
     finally:
         run.stop()
     text = render(run, command.strip(), started)
-    write_results(text, Path(args.out))
+    write_results(text, Path(args.out), UPSTREAM_KINDS[args.upstream][0])
     if args.json:
         Path(args.json).write_text(json.dumps(run.results, indent=1, default=str))
     print(text)

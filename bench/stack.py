@@ -26,6 +26,7 @@ import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
 UPSTREAM = BENCH_DIR / "upstream.py"
+UPSTREAM_VLLM_FRONT = BENCH_DIR / "upstream_vllm_front.py"
 LOADGEN = BENCH_DIR / "loadgen.py"
 KEY = "bench-gateway-key"
 HOST = "127.0.0.1"
@@ -148,11 +149,24 @@ def wait_ready(proc: Proc, url: str, timeout: float, headers: dict[str, str] | N
 # -- the stand-in upstream ----------------------------------------------------------------
 
 
-def start_upstream(workdir: Path, name: str = "upstream", extra: Sequence[str] = ()) -> Proc:
+def start_upstream(
+    workdir: Path, name: str = "upstream", extra: Sequence[str] = (), kind: str = "bare"
+) -> Proc:
+    """The stand-in engine: ``bare`` is ``upstream.py`` (raw asyncio, as cheap as can be);
+    ``vllm-front`` is ``upstream_vllm_front.py``, vLLM's own HTTP front with no model, run
+    in the CPU engine's venv (installed first if needed)."""
     port = free_port()
-    proc = spawn(name, [sys.executable, str(UPSTREAM), "--port", str(port), *extra], workdir)
+    if kind == "vllm-front":
+        from vllm_autoserve.cpu_engine import install_cpu_engine
+
+        argv = [str(install_cpu_engine()), str(UPSTREAM_VLLM_FRONT)]
+        ready_within = 120.0  # importing vLLM takes several seconds
+    else:
+        argv = [sys.executable, str(UPSTREAM)]
+        ready_within = 20.0
+    proc = spawn(name, [*argv, "--port", str(port), *extra], workdir)
     proc.url = f"http://{HOST}:{port}"
-    wait_ready(proc, proc.url + "/health", 20)
+    wait_ready(proc, proc.url + "/health", ready_within)
     return proc
 
 
