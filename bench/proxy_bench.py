@@ -1,6 +1,6 @@
 """Proxy overhead budget: the gateway against direct access to a fast upstream, in one run.
 
-    uv run python bench/proxy_bench.py [--quick] [--no-peers] [--upstream vllm-front]
+    uv run python bench/proxy_bench.py [--quick] [--no-peers] [--upstream vllm-front|vllm]
 
 Starts the stand-in upstream (``upstream.py``), the real gateway (``vllm-autoserve serve``)
 in front of it, nginx and LiteLLM's proxy as peers when installed, and a load generator in a
@@ -10,8 +10,8 @@ machine does meanwhile hits all targets alike. Then: memory with 1,000 open stre
 profile of the gateway under load (py-spy, when installed) and the cold-start path.
 
 The measured part of ``bench/RESULTS.md`` (between its ``bench:begin``/``bench:end``
-markers; ``bench-vllm-front:...`` with ``--upstream vllm-front``) is rewritten; the rest of
-the file (the analysis) is kept. ``--out FILE`` writes
+markers; ``bench-vllm-front:...`` and ``bench-vllm:...`` with ``--upstream vllm-front`` and
+``--upstream vllm``) is rewritten; the rest of the file (the analysis) is kept. ``--out FILE`` writes
 elsewhere. See bench/README.md.
 """
 
@@ -66,7 +66,14 @@ UPSTREAM_KINDS = {
         "`upstream_vllm_front.py` (vLLM {version}'s own HTTP front, uvicorn + FastAPI + its "
         "request and response models, answering at once: no template, tokenizer or model)",
     ),
+    "vllm": (
+        "bench-vllm",
+        "the real vLLM {version} CPU engine, pinned to one core, serving the tiny test model "
+        "(2 layers, hidden size 256); non-streamed chat capped at {tokens} tokens",
+    ),
 }
+# Non-streamed chat against a real engine stops here (the tiny model never ends on its own).
+REAL_ENGINE_CHAT_TOKENS = 8
 
 # The budget of issue 6, as ratios to direct access in the same run.
 BUDGET = {
@@ -246,7 +253,9 @@ class Run:
         q = self.quick
         rounds = self.args.rounds or (2 if q else 5)
         seconds = 2.0 if q else 3.0
-        base = {"model": "bench", "seconds": seconds}
+        base: dict[str, Any] = {"model": "bench", "seconds": seconds}
+        if self.args.upstream == "vllm":
+            base["max_tokens"] = REAL_ENGINE_CHAT_TOKENS
         self.rounds("chat_c1", {**base, "concurrency": 1, "count": 600 if q else 1500}, rounds)
         self.rounds("chat_c16", {**base, "concurrency": 16, "count": 3000 if q else 8000}, rounds)
         self.rounds(
@@ -337,9 +346,13 @@ class Run:
     def _wrk(self, wrk: str, target: str, conns: int, duration: int) -> tuple[float, int, int]:
         url, key = self.targets[target]
         script = self.workdir / f"wrk-{target}.lua"
-        body = json.dumps(
-            {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}
-        )
+        request: dict[str, Any] = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
+        if self.args.upstream == "vllm":
+            request["max_tokens"] = REAL_ENGINE_CHAT_TOKENS
+        body = json.dumps(request)
         lines = [
             'wrk.method = "POST"',
             f"wrk.body = {json.dumps(body)}",
@@ -663,7 +676,8 @@ def verdict(ok: bool | None) -> str:
 def _upstream_text(run: Run) -> str:
     from vllm_autoserve.cpu_engine import CPU_ENGINE_VERSION
 
-    return UPSTREAM_KINDS[run.args.upstream][1].format(version=CPU_ENGINE_VERSION)
+    text = UPSTREAM_KINDS[run.args.upstream][1]
+    return text.format(version=CPU_ENGINE_VERSION, tokens=REAL_ENGINE_CHAT_TOKENS)
 
 
 def render(run: Run, command: str, started: dt.datetime) -> str:
@@ -947,8 +961,9 @@ def main() -> int:
         "--upstream",
         choices=list(UPSTREAM_KINDS),
         default="bare",
-        help="the stand-in engine: bare (raw asyncio, default) or vllm-front (vLLM's HTTP "
-        "front, no model; its results go to their own block of the results file)",
+        help="the upstream: bare (raw asyncio stand-in, default), vllm-front (vLLM's HTTP "
+        "front, no model) or vllm (the real CPU engine and the tiny model; no memory "
+        "scenario); each kind's results go to their own block of the results file",
     )
     parser.add_argument("--litellm", default=None, help="path of LiteLLM's `litellm` script")
     parser.add_argument("--py-spy", default=None, help="path of py-spy")
@@ -957,6 +972,8 @@ def main() -> int:
     args = parser.parse_args()
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.floor = [s.strip() for s in args.floor.split(",") if s.strip()]
+    if args.upstream == "vllm":
+        args.skip.add("memory")  # a held stream would be a generation running all along
     command = "uv run python bench/proxy_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = dt.datetime.now(dt.UTC)
     run = Run(args)

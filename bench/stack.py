@@ -152,19 +152,31 @@ def wait_ready(proc: Proc, url: str, timeout: float, headers: dict[str, str] | N
 def start_upstream(
     workdir: Path, name: str = "upstream", extra: Sequence[str] = (), kind: str = "bare"
 ) -> Proc:
-    """The stand-in engine: ``bare`` is ``upstream.py`` (raw asyncio, as cheap as can be);
-    ``vllm-front`` is ``upstream_vllm_front.py``, vLLM's own HTTP front with no model, run
-    in the CPU engine's venv (installed first if needed)."""
-    port = free_port()
-    if kind == "vllm-front":
-        from vllm_autoserve.cpu_engine import install_cpu_engine
+    """The upstream: ``bare`` is ``upstream.py`` (raw asyncio, as cheap as can be);
+    ``vllm-front`` is ``upstream_vllm_front.py``, vLLM's own HTTP front with no model;
+    ``vllm`` is the real vLLM CPU engine serving the tiny model under the stand-in's model
+    names. Both vLLM kinds run in the CPU engine's venv (installed first if needed)."""
+    from vllm_autoserve.cpu_engine import cpu_engine_command, cpu_engine_env, install_cpu_engine
 
-        argv = [str(install_cpu_engine()), str(UPSTREAM_VLLM_FRONT)]
+    port = free_port()
+    env: dict[str, str] = {}
+    if kind == "vllm":
+        from vllm_autoserve.tiny_model import write_tiny_model
+
+        install_cpu_engine()
+        model = write_tiny_model(workdir / "tiny-model")
+        command = cpu_engine_command(str(model), port, STREAM_MODELS[0])
+        names_end = command.index("--served-model-name") + 2
+        argv = [*command[:names_end], *STREAM_MODELS[1:], *command[names_end:]]
+        env = cpu_engine_env()
+        ready_within = 600.0  # the engine loads and warms up first
+    elif kind == "vllm-front":
+        argv = [str(install_cpu_engine()), str(UPSTREAM_VLLM_FRONT), "--port", str(port)]
         ready_within = 120.0  # importing vLLM takes several seconds
     else:
-        argv = [sys.executable, str(UPSTREAM)]
+        argv = [sys.executable, str(UPSTREAM), "--port", str(port)]
         ready_within = 20.0
-    proc = spawn(name, [*argv, "--port", str(port), *extra], workdir)
+    proc = spawn(name, [*argv, *extra], workdir, env)
     proc.url = f"http://{HOST}:{port}"
     wait_ready(proc, proc.url + "/health", ready_within)
     return proc
