@@ -26,6 +26,13 @@ from aiohttp import web
 FAKE_ENGINE = Path(__file__).resolve()
 
 
+def error_response(status: int, message: str, kind: str, **extra: str) -> web.Response:
+    """An error as vLLM's server words it: ``{"error": {message, type, [param,] code}}``."""
+    return web.json_response(
+        {"error": {"message": message, "type": kind, **extra, "code": status}}, status=status
+    )
+
+
 def completion_text(model: str, n: int) -> list[str]:
     return [f"tok{i}-{model} " for i in range(n)]
 
@@ -44,16 +51,7 @@ class Engine:
         header = request.headers.get("Authorization", "")
         self.auth_headers.append(header)
         if self.key and header != f"Bearer {self.key}":
-            return web.json_response(
-                {
-                    "error": {
-                        "message": "Unauthorized",
-                        "type": "invalid_request_error",
-                        "code": 401,
-                    }
-                },
-                status=401,
-            )
+            return error_response(401, "Unauthorized", "invalid_request_error")
         return None
 
     def count(self) -> None:
@@ -100,15 +98,8 @@ class Engine:
             return web.json_response({"id": "cmpl-redirected", "object": "chat.completion",
                                       "model": "fake", "choices": [], "usage": None})
         if request.content_type != "application/json":  # as vLLM's validate_json_request
-            return web.json_response(
-                {
-                    "error": {
-                        "message": "Unsupported Media Type: Only 'application/json' is allowed",
-                        "type": "Bad Request",
-                        "code": 400,
-                    }
-                },
-                status=400,
+            return error_response(
+                400, "Unsupported Media Type: Only 'application/json' is allowed", "Bad Request"
             )
         body = await request.json()
         model = body.get("model", "")
@@ -117,16 +108,8 @@ class Engine:
         if self.args.garbage or self.args.close_early:
             return await self.misbehave(request)
         if int(body.get("max_tokens") or 0) > 100_000:
-            return web.json_response(
-                {
-                    "error": {
-                        "message": "max_tokens is too large",
-                        "type": "BadRequestError",
-                        "param": "max_tokens",
-                        "code": 400,
-                    }
-                },
-                status=400,
+            return error_response(
+                400, "max_tokens is too large", "BadRequestError", param="max_tokens"
             )
         chat = request.path.endswith("chat/completions")
         n = int(body.get("max_tokens") or self.args.chunks)
