@@ -80,12 +80,20 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"models": {"m": {"tensor_parallel_size": 0}}}, "models.m.tensor_parallel_size"),
         ({"models": {"m": {"url": "http://a", "api_key": "k\r\nX-Evil: 1"}}},
          "'api_key' must be printable ASCII"),
+        ({"gateway": {"cors_origins": ["https://chat.example.com/"]}},
+         "gateway.cors_origins: 'https://chat.example.com/' is not an origin"),
+        ({"gateway": {"cors_origins": ["chat.example.com"]}}, "is not an origin"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert needle in str(info.value)
+
+
+def test_cors_origins_are_kept_as_browsers_send_them() -> None:
+    config = parse_config({"gateway": {"cors_origins": ["HTTPS://Chat.Example.com", "*"]}})
+    assert config.gateway.cors_origins == ["https://chat.example.com", "*"]
 
 
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:

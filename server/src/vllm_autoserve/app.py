@@ -23,7 +23,8 @@ from .asgi import ASGIApp, Message, Receive, Scope, Send, send_bytes
 from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
-from .errors import BadRequest, GatewayError, Unauthorized, UpstreamUnavailable
+from .cors import CrossOrigin
+from .errors import BadRequest, Forbidden, GatewayError, Unauthorized, UpstreamUnavailable
 from .inbound import ClientGone, DisconnectWatch, model_of, read_body, with_model
 from .logs import AccessEntry, AccessLog
 from .pools.base import Pool, PoolState, Upstream
@@ -66,6 +67,7 @@ class GatewayApp:
         self.keys = keys
         self.proxy = Proxy()
         self.access = AccessLog()
+        self.cross_origin = CrossOrigin(config.gateway.cors_origins, keyless=keys.open)
         self.control: ASGIApp = create_control_app(pools, config)
         self._public = {"/health", *config.gateway.public_routes}
         if "/status" in self._public:
@@ -83,6 +85,11 @@ class GatewayApp:
             return
         if kind != "http":
             return
+        if self.cross_origin.keyless or _header(scope, b"origin") is not None:
+            checked = await self._check_cross_origin(scope, send)
+            if checked is None:
+                return
+            send = checked
         path: str = scope["path"]
         if path == "/health":
             await send_bytes(send, 200, _HEALTH_BODY, _JSON)
@@ -99,6 +106,30 @@ class GatewayApp:
             await send_bytes(send, error.status, error.body_bytes(), error.headers())
             return
         await self._control(scope, receive, send)
+
+    async def _check_cross_origin(self, scope: Scope, send: Send) -> Send | None:
+        """Answers a preflight or a refused request itself (None); otherwise the ``send``
+        to answer with, adding CORS headers for an allowed origin."""
+        origin = _header(scope, b"origin")
+        error = self.cross_origin.refusal(origin, _header(scope, b"host"))
+        if origin is None or error is not None:
+            if error is not None:
+                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                return None
+            return send
+        allowed = self.cross_origin.allows(origin)
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
+            if not allowed:
+                error = Forbidden(
+                    "cross-origin requests from this page are not allowed; list its origin "
+                    "in [gateway] cors_origins"
+                )
+                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                return None
+            requested = _header(scope, b"access-control-request-headers")
+            await send_bytes(send, 204, b"", self.cross_origin.preflight_headers(origin, requested))
+            return None
+        return self.cross_origin.adding_headers(send, origin) if allowed else send
 
     def _allowed(self, scope: Scope, path: str) -> bool:
         if path in self._public or (

@@ -23,6 +23,8 @@ MAX_MODEL_NAME = 256
 # starting with a letter or digit (so no leading '-' that could pass for a command-line option).
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A web origin as browsers send it: scheme://host[:port], nothing after.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -56,8 +58,23 @@ class GatewaySettings(_Strict):
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
     """Routes answered without a key (``/health`` always is)."""
+    cors_origins: list[str] = []
+    """Web pages allowed to call the gateway from a browser (CORS): origins like
+    ``https://chat.example.com``, or ``*`` for any page. None by default, as in vLLM."""
     min_containers: Annotated[int, Field(ge=0)] = 0
     """Modal: gateway containers kept warm (0: the gateway, too, scales to zero when idle)."""
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        value = [origin.lower() for origin in value]  # as browsers send them
+        for origin in value:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin like 'https://chat.example.com' or "
+                    "'http://localhost:3000' (scheme and host, no path) or '*'"
+                )
+        return value
 
 
 class ModelSettings(_Strict):

@@ -7,6 +7,7 @@ connection, an engine that exited) are mapped to one of these once, where they h
     ├── BadRequest                    400     invalid_request_error    (per case)
     │   └── InvalidModelName          400     invalid_request_error    invalid_model
     ├── Unauthorized                  401     authentication_error     invalid_api_key
+    ├── Forbidden                     403     permission_error         forbidden
     ├── ModelNotFound                 404     invalid_request_error    model_not_found
     ├── PayloadTooLarge               413     invalid_request_error    payload_too_large
     ├── ModelNotReady                 503     service_unavailable      model_not_ready  (+ Retry-After)
@@ -85,6 +86,12 @@ class Unauthorized(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class ModelNotFound(GatewayError):
