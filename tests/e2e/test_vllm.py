@@ -73,6 +73,15 @@ def test_json_sent_the_way_curl_d_sends_it_is_answered_by_vllm(vllm_gateway: Gat
     assert response.json()["choices"][0]["message"]["content"]
 
 
+def test_a_redirect_from_vllm_names_the_gateway_not_the_engine(vllm_gateway: Gateway) -> None:
+    """vLLM redirects a trailing slash to its own address (``http://127.0.0.1:PORT/...``)."""
+    body = {"model": "tiny-a", "messages": MESSAGES, "max_tokens": 4}
+    with vllm_gateway.client(timeout=400) as c:
+        response = c.post("/v1/chat/completions/", json=body)
+    assert response.status_code == 307
+    assert response.headers["location"] == "/v1/chat/completions"
+
+
 def test_vllm_own_400_passes_through_unchanged(vllm_gateway: Gateway) -> None:
     sdk = openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key,
                         max_retries=0)

@@ -176,17 +176,20 @@ def test_drain_seconds_zero_does_not_make_sigterm_wait_forever() -> None:
 
 def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:
     """An unreachable `url = "http://user:secret@host"` showed the secret in /up, 503 bodies,
-    /status and the log."""
+    /status and the log; its address was in the clients' answers too."""
     from tests.support.gateway import free_port
 
+    port = free_port()
     cfg = (f'[gateway]\nstartup_seconds = 2\n[models."s"]\n'
-           f'url = "http://svc:s3cr3t-token@127.0.0.1:{free_port()}"\n')
+           f'url = "http://svc:s3cr3t-token@127.0.0.1:{port}"\n')
     with running_gateway(cfg) as gw, gw.client() as c:
         up = c.post("/up", json={"model_path": "s", "wait": 15}).json()
         assert up["status"] == "failed" and "not reachable" in up["error"]
-        texts = [str(up), c.post("/v1/chat/completions", json={"model": "s", **CHAT}).text,
-                 c.get("/status").text, gw.log()]
-        assert not [t for t in texts if "s3cr3t-token" in t]
+        answers = [str(up), c.post("/v1/chat/completions", json={"model": "s", **CHAT}).text,
+                   c.get("/status").text]
+        assert not [t for t in [*answers, gw.log()] if "s3cr3t-token" in t]
+        assert not [t for t in answers if str(port) in t]
+        assert f"127.0.0.1:{port}" in gw.log()  # where the operator looks
 
 
 def test_up_accepts_json_sent_by_curl_d_without_a_content_type() -> None:

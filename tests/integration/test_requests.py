@@ -121,12 +121,30 @@ def test_bad_input_gets_an_openai_error_and_changes_nothing(gateway, body, statu
 def test_bad_up_and_down_bodies(gateway) -> None:  # type: ignore[no-untyped-def]
     with gateway.client() as c:
         for body in (b"{", b"[]", b"{}", b'{"model_path": 5}', b'{"model_path": "m", "wait": -1}',
-                     b'{"model_path": "m", "wait": "soon"}', b'{"model_path": "../x"}'):
+                     b'{"model_path": "m", "wait": "soon"}', b'{"model_path": "../x"}',
+                     b'{"model_path": "m", "wait": "inf"}',
+                     b'{"model_path": "m", "min_containers": true}'):
             for path in ("/up", "/down"):
                 response = c.post(path, content=body, headers={"Content-Type": "application/json"})
                 assert response.status_code == 400, (path, body, response.text)
                 assert "error" in response.json()
+        # Sent the way `curl -d` sends it, a broken body is still said to be broken JSON.
+        for body in (b"{bad", b'{"model_path": "m", "wait": NaN}', b"[" * 2000):
+            response = c.post("/up", content=body)
+            assert response.status_code == 400
+            assert "not valid JSON" in response.json()["error"]["message"], response.text
         assert gateway.status()["m"]["state"] == "cold"
+
+
+def test_inference_routes_take_post_only(gateway) -> None:  # type: ignore[no-untyped-def]
+    with gateway.client() as c:
+        for method in ("GET", "PUT", "DELETE"):
+            response = c.request(method, "/v1/chat/completions", json={"model": "m", **CHAT})
+            assert response.status_code == 405, (method, response.text)
+            assert response.json()["error"]["code"] == "method_not_allowed"
+        assert c.post("/health").status_code == 405
+        assert c.get("/health").status_code == 200 and c.head("/health").status_code == 200
+        assert gateway.status()["m"]["state"] == "cold"  # nothing was started for them
 
 
 def test_unlisted_model_is_404_when_only_listed_models_are_allowed() -> None:

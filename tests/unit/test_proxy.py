@@ -10,7 +10,7 @@ import pytest
 from tests.support.raw_upstream import Server, answering, serving
 from vllm_autoserve.errors import BadRequest
 from vllm_autoserve.pools.base import Upstream
-from vllm_autoserve.proxy import Proxy
+from vllm_autoserve.proxy import Proxy, _gateway_location, _target
 
 
 async def forward(
@@ -135,3 +135,23 @@ async def test_a_304_with_a_content_length_reaches_the_client_without_a_body() -
     assert (b"ETag", b'"a"') in sent[0]["headers"]
     assert all(name.lower() != b"content-length" for name, _ in sent[0]["headers"])
     assert b"".join(m.get("body", b"") for m in sent[1:]) == b""
+
+
+@pytest.mark.parametrize(
+    ("base", "location", "shown"),
+    [
+        ("http://127.0.0.1:8123", "http://127.0.0.1:8123/v1/models?x=1", "/v1/models?x=1"),
+        ("http://127.0.0.1:8123", "/v1/models", "/v1/models"),
+        ("https://ws--engine.modal.run/base", "https://ws--engine.modal.run/base/v1/x", "/v1/x"),
+        (
+            "http://127.0.0.1:8123",
+            "https://elsewhere.example/login",
+            "https://elsewhere.example/login",
+        ),
+        ("http://127.0.0.1:8123", "http://127.0.0.1:99999/x", "http://127.0.0.1:99999/x"),
+    ],
+)
+def test_redirects_to_the_engine_become_paths_on_the_gateway(
+    base: str, location: str, shown: str
+) -> None:
+    assert _gateway_location(location.encode(), _target(base)) == shown.encode()

@@ -24,7 +24,14 @@ from .auth import ApiKeys
 from .config import Config
 from .control import create_control_app
 from .cors import CrossOrigin
-from .errors import BadRequest, Forbidden, GatewayError, Unauthorized, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    Unauthorized,
+    UpstreamUnavailable,
+)
 from .inbound import ClientGone, DisconnectWatch, model_of, read_body, with_model
 from .logs import AccessEntry, AccessLog
 from .pools.base import Pool, PoolState, Upstream
@@ -92,7 +99,10 @@ class GatewayApp:
             send = checked
         path: str = scope["path"]
         if path == "/health":
-            await send_bytes(send, 200, _HEALTH_BODY, _JSON)
+            if scope["method"] in ("GET", "HEAD"):
+                await send_bytes(send, 200, _HEALTH_BODY, _JSON)
+            else:
+                await _send_error(send, MethodNotAllowed("/health takes GET or HEAD"))
             return
         if (
             path.startswith("/v1/")
@@ -103,7 +113,7 @@ class GatewayApp:
             return
         if not self._allowed(scope, path):
             error = _unauthorized()
-            await send_bytes(send, error.status, error.body_bytes(), error.headers())
+            await _send_error(send, error)
             return
         await self._control(scope, receive, send)
 
@@ -114,7 +124,7 @@ class GatewayApp:
         error = self.cross_origin.refusal(origin, _header(scope, b"host"))
         if origin is None or error is not None:
             if error is not None:
-                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                await _send_error(send, error)
                 return None
             return send
         allowed = self.cross_origin.allows(origin)
@@ -124,7 +134,7 @@ class GatewayApp:
                     "cross-origin requests from this page are not allowed; list its origin "
                     "in [gateway] cors_origins"
                 )
-                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                await _send_error(send, error)
                 return None
             requested = _header(scope, b"access-control-request-headers")
             await send_bytes(send, 204, b"", self.cross_origin.preflight_headers(origin, requested))
@@ -148,10 +158,15 @@ class GatewayApp:
             except ClientGone:
                 return
             except GatewayError as error:
-                await send_bytes(send, error.status, error.body_bytes(), error.headers())
+                await _send_error(send, error)
                 return
+            if body:
+                invalid = _json_problem(body)
+                if invalid is not None:
+                    await _send_error(send, invalid)
+                    return
+                scope = _as_json(scope)
             receive = _replay(body, receive)
-            scope = _as_json(scope, body)
         await self.control(scope, receive, send)
 
     # -- lifespan -------------------------------------------------------------------------
@@ -193,6 +208,8 @@ class GatewayApp:
                 raise _unauthorized()
             if _CONTROL_CHARS.search(path):
                 raise BadRequest("the path contains control characters")
+            if route != "other" and scope["method"] != "POST":  # vLLM's inference routes
+                raise MethodNotAllowed(f"{path} takes POST, not {scope['method']}")
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
@@ -303,14 +320,22 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-def _as_json(scope: Scope, body: bytes) -> Scope:
-    """A JSON body sent without its content type (``curl -d`` says form-urlencoded) is
-    taken as JSON, as the pass-through does."""
-    if not body or _is_json(_header(scope, b"content-type")):
-        return scope
+def _json_problem(body: bytes) -> BadRequest | None:
     try:
         orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        return BadRequest(f"request body is not valid JSON: {exc}")
+    return None
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    await send_bytes(send, error.status, error.body_bytes(), error.headers())
+
+
+def _as_json(scope: Scope) -> Scope:
+    """A JSON body sent without its content type (``curl -d`` says form-urlencoded) is
+    taken as JSON, as the pass-through does."""
+    if _is_json(_header(scope, b"content-type")):
         return scope
     return {**scope, "headers": _with_json_content_type(scope["headers"])}
 

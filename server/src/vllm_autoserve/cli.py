@@ -62,6 +62,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
     import uvicorn
 
     from .app import create_app, tune_gc_for_serving
+    from .http_server import bounded_http_protocol
     from .pools.local import LocalPools
 
     problem = bind_problem(host, port)
@@ -79,7 +80,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         log_level=log_level,
         timeout_graceful_shutdown=math.ceil(config.gateway.drain_seconds),
         loop="auto",
-        http="auto",
+        http=bounded_http_protocol(config.gateway.client_header_seconds),
         proxy_headers=False,  # nothing here reads the client's address
     )
     server = uvicorn.Server(uv_config)

@@ -54,6 +54,9 @@ class GatewaySettings(_Strict):
     """Upper bound for the ``wait`` long-poll of ``/up``."""
     max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024
     """Larger request bodies are refused with 413."""
+    client_header_seconds: PositiveSeconds = 30.0
+    """A client has this long to send a request's headers (408 after), which may be 64 KiB.
+    On Modal, Modal's own front takes the requests."""
     local_gpus: Annotated[int, Field(ge=0)] | None = None
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []

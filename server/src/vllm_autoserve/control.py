@@ -30,7 +30,8 @@ _MODAL_SAFE_WAIT = 140.0  # stay under a web request's 150 s limit on Modal
 
 
 class UpRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: `true` is not a count of containers, nor "inf" a number of seconds.
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
     model_path: str = Field(description="Model (Hugging Face repo id, configured name or alias).")
     wait: float = Field(0.0, ge=0, description="Long-poll up to this many seconds (capped).")

@@ -162,7 +162,7 @@ class Proxy:
 
         gone.add_done_callback(close_upstream)
         try:
-            await self._relay(response, send, gone, result, label)
+            await self._relay(response, send, gone, result, label, target)
         finally:
             gone.remove_done_callback(close_upstream)
             response.release()
@@ -198,11 +198,16 @@ class Proxy:
         gone: asyncio.Future[None],
         result: Forwarded,
         label: str,
+        target: _Target,
     ) -> None:
         result.status = response.status
         raw = _end_to_end(response.headers, _RESPONSE_DROP)
         if response.status in (204, 304):  # no body, whatever a length says
             raw = [(k, v) for k, v in raw if k.lower() != b"content-length"]
+        elif 300 <= response.status < 400:
+            raw = [
+                (k, _gateway_location(v, target) if k.lower() == b"location" else v) for k, v in raw
+            ]
         content_type = response.header(b"content-type") or ""
         result.stream = content_type.lower().startswith("text/event-stream")
         if result.stream:
@@ -268,6 +273,26 @@ def _end_to_end(
         named = {option.strip().lower() for option in options.split(b",")}
         kept = [(name, value) for name, value in kept if name.lower() not in named]
     return kept
+
+
+def _gateway_location(location: bytes, target: _Target) -> bytes:
+    """A redirect to the engine itself (vLLM's server redirects ``/v1/models/`` to
+    ``http://127.0.0.1:PORT/v1/models``) as the same path on the gateway, like nginx's
+    ``proxy_redirect default``: the engine's address is never the client's to see or use."""
+    try:
+        url = urlsplit(location.decode("latin-1"))
+        elsewhere = bool(url.netloc) and _origin(url) != target.origin
+    except ValueError:  # a port out of range, a bad IPv6 address
+        return location
+    if elsewhere:
+        return location  # the client's business
+    path = url.path
+    prefix = target.path_prefix.rstrip("/")
+    if prefix and (path == prefix or path.startswith(prefix + "/")):
+        path = path[len(prefix) :] or "/"
+    query = f"?{url.query}" if url.query else ""
+    fragment = f"#{url.fragment}" if url.fragment else ""
+    return (path + query + fragment).encode("latin-1")
 
 
 def _authorization(api_key: str | None, target: _Target) -> bytes | None:

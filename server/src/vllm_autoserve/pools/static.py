@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -13,9 +14,20 @@ from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from .base import Pool, PoolState, Upstream
 
+log = logging.getLogger("vllm_autoserve.pools")
+
 # A static upstream that refuses connections this long is reported failed (not held for the
 # whole startup deadline: nothing here can make it come up).
 _REACH_SECONDS = 10.0
+
+
+def _short(problem: str) -> str:
+    """The cause without the address that most connection errors name."""
+    if problem.startswith(("/health", "/v1/models", "no answer")):
+        return problem
+    if "CERTIFICATE_VERIFY_FAILED" in problem:
+        return "its TLS certificate is not trusted (CERTIFICATE_VERIFY_FAILED)"
+    return "could not connect (the gateway's log has the details)"
 
 
 def _redact(text: str, url: str) -> str:
@@ -48,9 +60,9 @@ class StaticPool(Pool):
             if not problem:
                 return Upstream(url=self.url, api_key=self.settings.api_key)
             await asyncio.sleep(0.25)
-        raise EngineFailed(
-            f"[{self.name}] upstream {self.shown_url} is not reachable: {_redact(problem, self.url)}"
-        )
+        # Its address stays in the gateway's log: the error reaches clients too.
+        log.warning("[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url))
+        raise EngineFailed(f"[{self.name}] the upstream is not reachable: {_short(problem)}")
 
     async def _check(self) -> str:
         """Empty when the upstream is up: ``/health`` 200, or no ``/health`` but ``/v1/models``."""
@@ -63,7 +75,9 @@ class StaticPool(Pool):
                     return f"/health answered {resp.status}"
             async with self._session().get(self.url + "/v1/models", timeout=timeout) as resp:
                 return "" if resp.status < 500 else f"/v1/models answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            return "no answer within 5 s"
+        except (aiohttp.ClientError, OSError) as exc:
             return str(exc) or type(exc).__name__
 
     async def _terminate(self) -> None:

@@ -1,0 +1,113 @@
+"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it lacks on a request's head.
+
+uvicorn bounds neither the size of a request's head (request line and headers, which
+httptools buffers whole) nor the time a client may take to send it: without any key, a
+client could fill the gateway's memory with one endless header, or hold its connections by
+sending a byte now and then. Real clients send a head of a few KiB in one go, so the limits
+are far beyond them (nginx allows 32 KiB and 60 s).
+
+Most heads arrive whole in one read: then no timer is armed, and a request costs three
+comparisons more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """Refuses a head over ``MAX_HEAD_BYTES`` (431) or not complete ``head_seconds`` after
+    its first byte (408), and closes a connection that sends nothing for ``head_seconds``
+    after opening."""
+
+    head_seconds = 30.0
+
+    _head_started = False  # a request's head has begun and is not complete
+    _in_body = False  # between a head's end and its message's end
+    _head_bytes = 0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_body:
+            super().data_received(data)
+            return
+        self._head_bytes += len(data)
+        super().data_received(data)
+        if not self._head_started or self.transport.is_closing():
+            return
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(
+                431, "request_header_fields_too_large", "the request's headers are over 64 KiB"
+            )
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+
+    def on_message_begin(self) -> None:
+        self._head_started = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._head_started = False
+        self._in_body = True
+        self._head_bytes = 0
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_started:
+            self._refuse(408, "request_timeout", "the request's headers took too long to arrive")
+        elif self.cycle is None:
+            self.transport.close()  # opened and never used
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # an answer is under way on this connection: no room for another
+            return
+        body = orjson.dumps(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": code,
+                }
+            }
+        )
+        reason = b"Request Header Fields Too Large" if status == 431 else b"Request Timeout"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.close()
+
+
+def bounded_http_protocol(head_seconds: float) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)``, with its time limit set."""
+    return type(
+        "BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"head_seconds": head_seconds}
+    )

@@ -1,0 +1,90 @@
+"""Limits on a request's head: what a client without a key can make the gateway hold."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import psutil
+
+from tests.support.gateway import TEST_KEY, fake_model, running_gateway
+
+CONFIG = "[gateway]\nclient_header_seconds = 1\n" + fake_model(
+    "slow", "--chunks", "6", "--chunk-delay", "0.4"
+)
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_an_endless_header_is_refused_and_costs_no_memory() -> None:
+    with running_gateway(CONFIG) as gw:
+        rss_before = psutil.Process(gw.process.pid).memory_info().rss
+        sock = _connect(gw.url)
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(100):  # 100 MB, unless the gateway stops reading first
+                sock.sendall(b"a" * 1_000_000)
+        except OSError:
+            pass  # refused and closed while sending: what is asked of it
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["code"] == "request_header_fields_too_large"
+        grown = psutil.Process(gw.process.pid).memory_info().rss - rss_before
+        assert grown < 20 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+        # Large but sane headers still pass.
+        status = httpx.get(gw.url + "/status", headers={**gw.headers, "X-Pad": "a" * 30_000})
+        assert status.status_code == 200
+
+
+def test_slow_heads_are_cut_but_slow_answers_and_bodies_are_not() -> None:
+    with running_gateway(CONFIG) as gw:
+        idle = _connect(gw.url)
+        dripping = _connect(gw.url)
+        dripping.sendall(b"GET /status HTTP/1.1\r\n")
+        started = time.monotonic()
+        for _ in range(3):
+            time.sleep(0.5)
+            try:
+                dripping.sendall(b"X-A: b\r\n")
+            except OSError:
+                break
+        assert _read_all(dripping).startswith(b"HTTP/1.1 408 ")
+        assert _read_all(idle) == b""  # closed without a word
+        assert time.monotonic() - started < 10
+
+        # A stream that lasts longer than the head limit, on a kept-alive connection.
+        with httpx.Client(base_url=gw.url, headers=gw.headers, timeout=60) as client:
+            for _ in range(2):
+                with client.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json={"model": "slow", "messages": [], "stream": True},
+                ) as response:
+                    assert response.status_code == 200
+                    assert b"data: [DONE]" in response.read()
+
+        # A body slower than the head limit is the body's business, not the head's.
+        body = b'{"model_path": "slow"}'
+        upload = _connect(gw.url)
+        upload.sendall(
+            b"POST /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (TEST_KEY.encode(), len(body))
+        )
+        time.sleep(1.5)
+        upload.sendall(body)
+        assert not _read_all(upload).startswith(b"HTTP/1.1 408")
