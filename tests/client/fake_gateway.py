@@ -48,6 +48,8 @@ class FakeGateway:
     model_errors: deque[tuple[int, dict[str, Any], dict[str, str]]] = field(default_factory=deque)
     """Answers (status, body, headers) to the next requests that name a model."""
     chunks: int = 3
+    pools: list[dict[str, Any]] = field(default_factory=list)
+    """What ``/status`` lists (one healthy pool "m" when empty)."""
     calls: list[Call] = field(default_factory=list)
     _started: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -133,7 +135,7 @@ class FakeGateway:
         if path == "/v1/down":
             return httpx2.Response(200, json={"model": "m", "status": "down", "state": "cold"})
         if path == "/v1/status":
-            return httpx2.Response(200, json={"pools": [pool_json("m", "healthy")]})
+            return httpx2.Response(200, json={"pools": self.pools or [pool_json("m", "healthy")]})
         body = json.loads(request.content) if request.content else {}
         with self._lock:
             scripted = (
@@ -210,19 +212,29 @@ class FakeGateway:
         )
 
     def _responses(self, body: dict[str, Any]) -> httpx2.Response:
+        response = {
+            "id": "resp-1",
+            "object": "response",
+            "created_at": 0,
+            "model": body["model"],
+            "status": "completed",
+            "output": [],
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+        if not body.get("stream"):
+            return httpx2.Response(200, json=response)
+        events = [
+            {"type": kind, "sequence_number": n, "response": response}
+            for n, kind in enumerate(("response.created", "response.completed"))
+        ]
         return httpx2.Response(
             200,
-            json={
-                "id": "resp-1",
-                "object": "response",
-                "created_at": 0,
-                "model": body["model"],
-                "status": "completed",
-                "output": [],
-                "parallel_tool_calls": False,
-                "tool_choice": "auto",
-                "tools": [],
-            },
+            content="".join(
+                f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events
+            ).encode(),
+            headers={"content-type": "text/event-stream"},
         )
 
 

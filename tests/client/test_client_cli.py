@@ -9,7 +9,7 @@ import pytest
 
 from vllm_autoserve_client import AutoserveClient, cli
 
-from .fake_gateway import API_KEY, BASE_URL, FakeGateway
+from .fake_gateway import API_KEY, BASE_URL, FakeGateway, pool_json
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +59,19 @@ def test_status_table(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) 
     for heading in ("model", "state", "since", "last request", "in flight", "engines", "gpus"):
         assert heading in out
     assert "healthy" in out and "1m ago" in out
+
+
+def test_status_piped_keeps_whole_names_on_one_line_each(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    names = ["Qwen/Qwen3-Next-80B-A3B-Instruct", "org/slow2", "org/slow3"]
+    gateway.pools = [pool_json(name, "failed") for name in names]
+    gateway.pools[0]["error"] = "[Qwen] engine exited with code 1: " + "long log line " * 20
+    status, out, err = run(capsys, "status")
+    assert status == 0, err
+    for name in names:
+        assert len([line for line in out.splitlines() if name in line]) == 1, out
 
 
 def test_down(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,6 +35,8 @@ def test_every_model_endpoint_takes_the_default(
     for path in ("/v1/completions", "/v1/embeddings", "/v1/responses"):
         assert gateway.bodies(path) == [gateway.bodies(path)[0]]
         assert gateway.bodies(path)[0]["model"] == "m", path
+    with client.responses.stream(input="Hi") as stream:  # type: ignore[call-overload]
+        assert stream.get_final_response().model == "m"
 
 
 def test_an_explicit_model_wins(
@@ -138,6 +140,8 @@ async def test_async_endpoints_take_the_default(
     await client.completions.create(prompt="Hi")  # type: ignore[call-overload]
     await client.embeddings.create(input="Hi")  # type: ignore[call-arg]
     await client.responses.create(input="Hi")
+    async with client.responses.stream(input="Hi") as stream:  # type: ignore[call-overload]
+        assert (await stream.get_final_response()).model == "m"
     raw = await client.chat.completions.with_raw_response.create(messages=MESSAGES)  # type: ignore[call-overload]
     assert raw.parse().model == "m"
     for path in ("/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/chat/completions"):

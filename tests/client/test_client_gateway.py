@@ -141,6 +141,36 @@ def test_a_pool_scaled_down_is_waited_for_again(gateway: Gateway) -> None:
     assert engine_starts(gateway, "down") == 2
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+def test_a_pool_gone_is_waited_for_even_when_the_gateway_holds_longer_than_the_timeout(
+    use_async: bool,
+) -> None:
+    """A client timeout (1 s) shorter than the gateway's hold (10 s): the held request times
+    out; the client then sees with /up that the pool is starting, waits, and resends."""
+    config = "[gateway]\nhold_seconds = 10\n" + fake_model("gone", *SLOW)
+
+    def take_down(gw: Gateway) -> None:  # behind the client's back: it still thinks "ready"
+        with gw.client() as admin:
+            assert admin.post("/down", json={"model_path": "gone"}).status_code == 200
+
+    async def async_reply(gw: Gateway) -> str | None:
+        async with async_client_for(gw, model="gone", timeout=1, max_retries=0) as client:
+            await client.wait_until_ready()
+            take_down(gw)
+            return await achat(client)
+
+    with running_gateway(config) as gw:
+        if use_async:
+            reply = asyncio.run(async_reply(gw))
+        else:
+            with client_for(gw, model="gone", timeout=1, max_retries=0) as client:
+                client.wait_until_ready()
+                take_down(gw)
+                reply = chat(client)
+        assert (reply or "").startswith("tok0-gone")
+        assert engine_starts(gw, "gone") == 2
+
+
 def test_a_failed_engine_raises_model_failed_error(gateway: Gateway) -> None:
     with client_for(gateway, model="broken") as client, pytest.raises(ModelFailedError) as info:
         chat(client)

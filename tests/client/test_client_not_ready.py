@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx2
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from vllm_autoserve_client import AsyncAutoserveClient, AutoserveClient, ModelFailedError
+from vllm_autoserve_client import (
+    AsyncAutoserveClient,
+    AutoserveClient,
+    AutoserveError,
+    ModelFailedError,
+)
 
-from .fake_gateway import FakeGateway, error_body
+from .fake_gateway import API_KEY, BASE_URL, FakeGateway, error_body
 from .helpers import achat, achat_stream, chat, chat_stream
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
@@ -101,3 +107,13 @@ async def test_async_model_not_ready_waits_again_and_retries_once(
     gateway.queue_model_failed("boom")
     with pytest.raises(ModelFailedError, match="boom"):
         await achat(client)
+
+
+def test_a_server_without_up_is_said_not_to_be_a_gateway() -> None:
+    """A plain OpenAI-compatible server (vLLM itself) answers /up with FastAPI's bare 404."""
+    plain = httpx2.MockTransport(lambda _: httpx2.Response(404, json={"detail": "Not Found"}))
+    client = AutoserveClient(
+        base_url=BASE_URL, api_key=API_KEY, http_client=httpx2.Client(transport=plain)
+    )
+    with pytest.raises(AutoserveError, match="is the base URL that of a vLLM Autoserve gateway"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import httpx2
-from openai import AsyncStream, Stream
+from openai import AsyncStream, NotFoundError, Stream
 from openai._base_client import BaseClient
 from openai._models import FinalRequestOptions
 from openai._types import RequestOptions
@@ -79,8 +79,11 @@ class AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT]):
             raise ValueError("No model: pass one, or give the client a default with model=")
         return name
 
-    def _pool_wait(self, model: str, timeout: float | None) -> PoolWait:
-        return PoolWait(model, self.up_timeout if timeout is None else timeout, self.on_wait)
+    def _up_timeout(self, timeout: float | None) -> float:
+        return self.up_timeout if timeout is None else timeout
+
+    def _pool_wait(self, model: str, timeout: float) -> PoolWait:
+        return PoolWait(model, timeout, self.on_wait)
 
     def _noted(self, model: str, answer: dict[str, Any]) -> dict[str, Any]:
         """An ``/up`` answer, remembered as ready if it says healthy."""
@@ -121,6 +124,17 @@ def up_body(model: str, wait: float) -> dict[str, Any]:
 def up_options(wait: float) -> RequestOptions:
     # tenacity does the retrying; Modal answers a call past 150 s with a 303 to follow.
     return {"max_retries": 0, "timeout": wait + _UP_SLACK, "follow_redirects": True}
+
+
+def up_not_found(exc: NotFoundError) -> Exception:
+    """A 404 from ``/up``: the gateway's own (an unlisted model) says which ``code``; any
+    other means that ``base_url`` is not a gateway (a bare vLLM server, say)."""
+    if isinstance(exc.body, dict) and exc.body.get("code"):
+        return exc
+    return AutoserveError(
+        f"{exc.request.url} was not found (HTTP 404): is the base URL that of a vLLM "
+        "Autoserve gateway? (a plain OpenAI-compatible server has no /up)"
+    )
 
 
 def json_object(response: httpx2.Response) -> dict[str, Any]:

@@ -14,18 +14,26 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Self, Unpack
 
 import httpx2
-from openai import AsyncOpenAI, AsyncStream, OpenAI, Stream
+from openai import AsyncOpenAI, AsyncStream, NotFoundError, OpenAI, Stream
 from openai._compat import cached_property
 from openai._models import FinalRequestOptions
 from openai._types import HttpxSendArgs
 from openai.resources import AsyncCompletions, AsyncEmbeddings, Completions, Embeddings
 from openai.resources.chat import AsyncChat, Chat
+from openai.resources.responses import AsyncResponses, Responses
 from typing_extensions import override
 
 from . import _resources
-from ._base import AutoserveBase, json_object, up_answer, up_body, up_options
+from ._base import AutoserveBase, json_object, up_answer, up_body, up_not_found, up_options
 from ._ready import ReadyState
-from ._requests import MODEL_NOT_READY, GatewayError, is_gateway_503, model_of, with_default_model
+from ._requests import (
+    MODEL_EXTENSION,
+    MODEL_NOT_READY,
+    GatewayError,
+    is_gateway_503,
+    model_of,
+    with_default_model,
+)
 from ._settings import DEFAULT_UP_TIMEOUT, LOGGER_NAME, resolve_api_key, resolve_base_url
 from ._up import UpAnswer, WaitCallback, async_wait_for_pool, wait_for_pool
 
@@ -92,6 +100,10 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
     def embeddings(self) -> Embeddings:
         return _resources.DefaultModelEmbeddings(self)
 
+    @cached_property
+    def responses(self) -> Responses:
+        return _resources.DefaultModelResponses(self)
+
     def up(self, model: str | None = None, wait: float = 0) -> dict[str, Any]:
         """Ask the gateway to start ``model``'s pool (long-polling ``wait`` s); its answer."""
         name = self._model_arg(model)
@@ -116,16 +128,28 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         return json_object(self.post("/down", body={"model_path": name}, cast_to=httpx2.Response))
 
     def _post_up(self, model: str, wait: float) -> httpx2.Response:
-        return self.post(
-            "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
-        )
+        try:
+            return self.post(
+                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
+            )
+        except NotFoundError as exc:
+            raise up_not_found(exc) from None
+
+    def _pool_healthy(self, model: str) -> bool:
+        """Whether ``/up`` says so (it starts a pool that is cold); true if it cannot say."""
+        try:
+            return json_object(self._post_up(model, 0)).get("status") == "healthy"
+        except Exception:
+            return True
 
     def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
         def poll(wait: float) -> UpAnswer:
             return up_answer(self._post_up(model, wait))
 
         self._ready.ensure(
-            self._ready_key(model), lambda: wait_for_pool(self._pool_wait(model, timeout), poll)
+            self._ready_key(model),
+            self._up_timeout(timeout),
+            lambda left: wait_for_pool(self._pool_wait(model, left), poll),
         )
 
     @override
@@ -140,7 +164,17 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
     def _send_request(
         self, request: httpx2.Request, *, stream: bool, **kwargs: Unpack[HttpxSendArgs]
     ) -> httpx2.Response:
-        response = super()._send_request(request, stream=stream, **kwargs)
+        try:
+            response = super()._send_request(request, stream=stream, **kwargs)
+        except httpx2.TimeoutException:
+            # Held by the gateway past the client's timeout: the pool went away meanwhile.
+            model = request.extensions.get(MODEL_EXTENSION)
+            if model is None or self._pool_healthy(model):
+                raise
+            log.info("[%s] no answer in time and the pool is not healthy: waiting for it", model)
+            self._ready.forget(self._ready_key(model))
+            self._ensure_ready(model)
+            response = super()._send_request(request, stream=stream, **kwargs)
         model = is_gateway_503(request, response)
         if model is None:
             return response
@@ -165,7 +199,8 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
     ...     messages=[{"role": "user", "content": "Hi"}], stream=True)
 
     The same arguments and environment fallbacks as ``AutoserveClient``. One wait per
-    (gateway, model) is shared by every task, thread and event loop using the client.
+    (gateway, model) is shared by every task using the client and its copies; as with
+    ``AsyncOpenAI``, use one client per event loop.
     """
 
     def __init__(
@@ -214,6 +249,10 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
     def embeddings(self) -> AsyncEmbeddings:
         return _resources.AsyncDefaultModelEmbeddings(self)
 
+    @cached_property
+    def responses(self) -> AsyncResponses:
+        return _resources.AsyncDefaultModelResponses(self)
+
     async def up(self, model: str | None = None, wait: float = 0) -> dict[str, Any]:
         """Ask the gateway to start ``model``'s pool (long-polling ``wait`` s); its answer."""
         name = self._model_arg(model)
@@ -237,18 +276,28 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
         return json_object(response)
 
     async def _post_up(self, model: str, wait: float) -> httpx2.Response:
-        return await self.post(
-            "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
-        )
+        try:
+            return await self.post(
+                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
+            )
+        except NotFoundError as exc:
+            raise up_not_found(exc) from None
+
+    async def _pool_healthy(self, model: str) -> bool:
+        """Whether ``/up`` says so (it starts a pool that is cold); true if it cannot say."""
+        try:
+            return json_object(await self._post_up(model, 0)).get("status") == "healthy"
+        except Exception:
+            return True
 
     async def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
         async def poll(wait: float) -> UpAnswer:
             return up_answer(await self._post_up(model, wait))
 
-        async def wait() -> None:
-            await async_wait_for_pool(self._pool_wait(model, timeout), poll)
+        async def wait(left: float) -> None:
+            await async_wait_for_pool(self._pool_wait(model, left), poll)
 
-        await self._ready.ensure_async(self._ready_key(model), wait)
+        await self._ready.ensure_async(self._ready_key(model), self._up_timeout(timeout), wait)
 
     @override
     async def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
@@ -262,7 +311,17 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
     async def _send_request(
         self, request: httpx2.Request, *, stream: bool, **kwargs: Unpack[HttpxSendArgs]
     ) -> httpx2.Response:
-        response = await super()._send_request(request, stream=stream, **kwargs)
+        try:
+            response = await super()._send_request(request, stream=stream, **kwargs)
+        except httpx2.TimeoutException:
+            # Held by the gateway past the client's timeout: the pool went away meanwhile.
+            model = request.extensions.get(MODEL_EXTENSION)
+            if model is None or await self._pool_healthy(model):
+                raise
+            log.info("[%s] no answer in time and the pool is not healthy: waiting for it", model)
+            self._ready.forget(self._ready_key(model))
+            await self._ensure_ready(model)
+            response = await super()._send_request(request, stream=stream, **kwargs)
         model = is_gateway_503(request, response)
         if model is None:
             return response

@@ -41,5 +41,6 @@ class ModelStartTimeout(AutoserveError):
         last = f" (last state: {state})" if state else ""
         super().__init__(
             f"[{model}] not healthy after waiting {waited:.1f} s{last}; "
-            "a longer up_timeout may help, and the gateway's /status shows what it is doing"
+            "waiting longer may help (up_timeout=, or the CLI's --timeout), and the "
+            "gateway's /status shows what it is doing"
         )

@@ -6,16 +6,21 @@ outcome and share it, success or error. The state is guarded by a ``threading.Lo
 each wait in flight is a ``concurrent.futures.Future``, so one ``ReadyState`` serves
 threads and any number of event loops alike: nothing in it belongs to a loop.
 
-If the leader is cancelled (or interrupted) before it finishes, its followers do not inherit
-that: one of them becomes the next leader.
+Every caller keeps its own deadline: a follower stops waiting when its own time is up, and
+if the leader's time is up first (or it is cancelled, or interrupted), its followers do not
+inherit that: one of them becomes the next leader, with what is left of its own time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
+
+from ._errors import ModelStartTimeout
 
 Key = tuple[str, str]
 
@@ -28,7 +33,7 @@ class ReadyState:
     """Ready flags and single-flight waits per ``(gateway, model)``; shared by client copies.
 
     >>> state = ReadyState()
-    >>> state.ensure(("http://gw/v1/", "m"), lambda: None)  # the first caller waits
+    >>> state.ensure(("http://gw/v1/", "m"), 60, lambda seconds_left: None)  # the first waits
     >>> state.is_ready(("http://gw/v1/", "m"))
     True
     """
@@ -51,37 +56,53 @@ class ReadyState:
         with self._lock:
             self._ready.discard(key)
 
-    def ensure(self, key: Key, wait: Callable[[], object]) -> None:
-        """Return once ``key`` is ready, calling ``wait`` unless another caller already is."""
+    def ensure(self, key: Key, timeout: float, wait: Callable[[float], object]) -> None:
+        """Return once ``key`` is ready, calling ``wait(seconds_left)`` unless another caller
+        already is; ``ModelStartTimeout`` after ``timeout`` seconds."""
+        started = time.monotonic()
         while True:
             flight, leader = self._join(key)
             if flight is None:
                 return
+            left = timeout - (time.monotonic() - started)
             if leader:
-                self._lead(key, flight, wait)
+                self._lead(key, flight, wait, max(left, 0.0))
                 return
+            concurrent.futures.wait([flight], timeout=max(left, 0.0))
+            if not flight.done():
+                raise ModelStartTimeout(key[1], time.monotonic() - started)
             try:
                 flight.result()
                 return
             except _Abandoned:
                 continue
 
-    async def ensure_async(self, key: Key, wait: Callable[[], Awaitable[object]]) -> None:
+    async def ensure_async(
+        self, key: Key, timeout: float, wait: Callable[[float], Awaitable[object]]
+    ) -> None:
         """``ensure`` for coroutines: followers await the flight without blocking their loop."""
+        started = time.monotonic()
         while True:
             flight, leader = self._join(key)
             if flight is None:
                 return
+            left = timeout - (time.monotonic() - started)
             if leader:
                 try:
-                    await wait()
+                    await wait(max(left, 0.0))
                 except BaseException as exc:
                     self._settle(key, flight, exc)
                     raise
                 self._settle(key, flight, None)
                 return
+            # The wrapper, not the flight, is what a timeout or a cancellation cancels.
+            outcome = asyncio.wrap_future(flight)
+            done, _ = await asyncio.wait([outcome], timeout=max(left, 0.0))
+            if not done:
+                outcome.cancel()
+                raise ModelStartTimeout(key[1], time.monotonic() - started)
             try:
-                await asyncio.wrap_future(flight)
+                outcome.result()
                 return
             except _Abandoned:
                 continue
@@ -100,9 +121,11 @@ class ReadyState:
             flight.set_running_or_notify_cancel()
             return flight, True
 
-    def _lead(self, key: Key, flight: Future[None], wait: Callable[[], object]) -> None:
+    def _lead(
+        self, key: Key, flight: Future[None], wait: Callable[[float], object], left: float
+    ) -> None:
         try:
-            wait()
+            wait(left)
         except BaseException as exc:
             self._settle(key, flight, exc)
             raise
@@ -115,7 +138,7 @@ class ReadyState:
                 self._ready.add(key)
         if exc is None:
             flight.set_result(None)
-        elif isinstance(exc, Exception):
+        elif isinstance(exc, Exception) and not isinstance(exc, ModelStartTimeout):
             flight.set_exception(exc)
-        else:
+        else:  # the leader's own time is up, or it was stopped: not its followers' outcome
             flight.set_exception(_Abandoned())

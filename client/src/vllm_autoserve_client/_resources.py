@@ -20,6 +20,7 @@ from openai.resources import AsyncEmbeddings, Embeddings
 from openai.resources import Completions as TextCompletions
 from openai.resources.chat import AsyncChat, Chat
 from openai.resources.chat.completions import AsyncCompletions, Completions
+from openai.resources.responses import AsyncResponses, Responses
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -31,6 +32,20 @@ def _model_optional(method: _F) -> _F:
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         if "model" not in kwargs and getattr(self._client, "model", None) is not None:
             kwargs["model"] = omit
+        return method(self, *args, **kwargs)
+
+    return cast(_F, call)
+
+
+def _model_filled_in(method: _F) -> _F:
+    """Wrap a method that checks ``model`` itself (``responses.stream``): it gets the
+    client's default model by name, unless it resumes a response by its id."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        default = getattr(self._client, "model", None)
+        if "model" not in kwargs and "response_id" not in kwargs and default is not None:
+            kwargs["model"] = default
         return method(self, *args, **kwargs)
 
     return cast(_F, call)
@@ -74,3 +89,11 @@ class DefaultModelEmbeddings(Embeddings):
 
 class AsyncDefaultModelEmbeddings(AsyncEmbeddings):
     create = _model_optional(AsyncEmbeddings.create)
+
+
+class DefaultModelResponses(Responses):
+    stream = _model_filled_in(Responses.stream)
+
+
+class AsyncDefaultModelResponses(AsyncResponses):
+    stream = _model_filled_in(AsyncResponses.stream)

@@ -16,6 +16,7 @@ with status 1; a usage error exits with 2; Ctrl-C with 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -109,17 +110,11 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
     if not pools:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
-    table = Table(
-        "model",
-        "state",
-        "since",
-        "last request",
-        "in flight",
-        "engines",
-        "gpus",
-        "error",
-        show_edge=False,
-    )
+    table = Table(show_edge=False)
+    table.add_column("model", no_wrap=True)  # never cut: names are what scripts grep for
+    for column in ("state", "since", "last request", "in flight", "engines", "gpus"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("error", no_wrap=True, overflow="ellipsis")
     for pool in pools:
         gpus = pool.get("gpus") or []
         table.add_row(
@@ -141,7 +136,9 @@ def _down(args: argparse.Namespace, out: Console, err: Console) -> None:
 
 
 def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
-    table = Table("model", "state", "serves", show_edge=False)
+    table = Table(show_edge=False)
+    for column in ("model", "state", "serves"):
+        table.add_column(column, no_wrap=True)
     for model in _client(args).models.list():
         extra = model.model_extra or {}
         root = extra.get("root")
@@ -199,7 +196,9 @@ def describe(exc: Exception, base_url: str | None) -> str:
             "AUTOSERVE_API_KEY (or VLLM_GATEWAY_AUTH)"
         )
     if isinstance(exc, APIStatusError):
-        return f"the gateway answered {exc.status_code}: {exc.message}"
+        body = exc.body
+        message = body.get("message") if isinstance(body, dict) else None
+        return f"the gateway answered {exc.status_code}: {message or exc.message}"
     return str(exc)
 
 
@@ -263,12 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("base_url", "api_key", "timeout"):
         if not hasattr(args, name):
             setattr(args, name, None)
-    out, err = Console(), Console(stderr=True)
+    # Piped, the output is for other programs: no terminal width to fit, nothing cut.
+    out = Console() if sys.stdout.isatty() else Console(width=1000)
+    err = Console(stderr=True)
     try:
         args.run(args, out, err)
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except BrokenPipeError:  # `autoserve chat ... | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OpenAIError, ValueError) as exc:
         err.print(Text.assemble(("error: ", "bold red"), describe(exc, _where(args.base_url))))
         return 1
