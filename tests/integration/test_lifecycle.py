@@ -19,10 +19,11 @@ def chat(client: httpx.Client, model: str, **extra: object) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": model, **CHAT, **extra})
 
 
-
 def engine_starts(gateway_client: httpx.Client, model: str) -> float:
     text = gateway_client.get("/metrics").text
-    found = re.search(rf'autoserve_engine_starts_total{{model="{re.escape(model)}"}} ([0-9.]+)', text)
+    found = re.search(
+        rf'autoserve_engine_starts_total{{model="{re.escape(model)}"}} ([0-9.]+)', text
+    )
     return float(found.group(1)) if found else 0.0
 
 
@@ -53,6 +54,7 @@ def test_request_past_hold_seconds_gets_503_model_not_ready_with_retry_after() -
 def test_concurrent_requests_and_up_calls_start_exactly_one_engine() -> None:
     cfg = fake_model("one", "--startup-delay", "1")
     with running_gateway(cfg) as gw, gw.client() as c:
+
         def work(i: int) -> int:
             with gw.client() as own:
                 if i % 4 == 0:
@@ -79,18 +81,20 @@ def test_idle_pool_scales_to_zero_and_the_next_request_starts_it_again() -> None
 
 
 def test_long_stream_is_not_cut_by_the_idle_timeout() -> None:
-    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model("long", "--chunks", "15", "--chunk-delay", "0.1")
+    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model(
+        "long", "--chunks", "15", "--chunk-delay", "0.1"
+    )
     with running_gateway(cfg) as gw, gw.client() as c:
-        with c.stream("POST", "/v1/chat/completions",
-                      json={"model": "long", "stream": True, **CHAT}) as response:
+        with c.stream(
+            "POST", "/v1/chat/completions", json={"model": "long", "stream": True, **CHAT}
+        ) as response:
             body = b"".join(response.iter_raw())
         assert body.endswith(b"data: [DONE]\n\n")
         assert engine_starts(c, "long") == 1
 
 
 def test_engine_crash_marks_failed_with_log_tail_then_restarts_after_cooldown() -> None:
-    cfg = ("[gateway]\nfailure_cooldown_seconds = 0.5\n"
-           + fake_model("crashy", "--die-after", "1"))
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0.5\n" + fake_model("crashy", "--die-after", "1")
     with running_gateway(cfg) as gw, gw.client() as c:
         assert chat(c, "crashy").status_code == 200
         broken = chat(c, "crashy")  # the engine exits while answering this one
@@ -126,6 +130,7 @@ def test_engine_missing_its_startup_deadline_is_failed_and_stopped() -> None:
         up = c.post("/up", json={"model_path": "hang", "wait": 10}).json()
         assert up["status"] == "failed"
         assert "did not become healthy within 1 s" in up["error"]
+        assert "loading weights: stuck (fake)" in up["error"]  # the engine's last words
         wait_for(lambda: not gw.engine_pids(), timeout=15)
 
 

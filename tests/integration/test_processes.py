@@ -19,8 +19,6 @@ from tests.support.waiting import alive, engine_port, wait_for
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
-
-
 def engine_pids(pid_file: Path) -> list[int]:
     wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
     return [int(p) for p in pid_file.read_text().split()]
@@ -51,8 +49,9 @@ def test_a_killed_gateway_leaves_no_engine_behind(tmp_path: Path) -> None:
 
 def test_engine_killed_by_sigkill_takes_its_children_along_and_restarts(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
-    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
-           + fake_model("m", "--spawn-child", "--pid-file", str(pid_file)))
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0\n" + fake_model(
+        "m", "--spawn-child", "--pid-file", str(pid_file)
+    )
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
         engine, child = engine_pids(pid_file)
@@ -65,12 +64,57 @@ def test_engine_killed_by_sigkill_takes_its_children_along_and_restarts(tmp_path
         assert engine_pids(pid_file)[0] != engine
 
 
+def test_a_crashed_engine_is_failed_at_once_while_its_stubborn_child_is_cleaned_up(
+    tmp_path: Path,
+) -> None:
+    """A crashed engine's helper ignoring SIGTERM (a stuck EngineCore) held the pool "healthy",
+    answering 502s, for the seconds its clean-up took."""
+    pid_file = tmp_path / "pids"
+    cfg = "[gateway]\nstop_grace_seconds = 4\nfailure_cooldown_seconds = 30\n" + fake_model(
+        "m", "--spawn-child", "--stubborn-child", "--pid-file", str(pid_file)
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        engine, child = engine_pids(pid_file)
+        os.kill(engine, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: gw.status()["m"]["state"] == "failed", timeout=10)
+        assert time.monotonic() - killed < 2  # not after the child's 4 s of grace
+        answer = c.post("/v1/chat/completions", json={"model": "m", **CHAT})
+        assert answer.status_code == 503 and "retry-after" in answer.headers
+        assert answer.json()["error"]["code"] == "model_failed"
+        wait_for(lambda: not alive([engine, child]), timeout=15)
+
+
+def test_a_guard_whose_gateway_died_while_it_started_runs_nothing(tmp_path: Path) -> None:
+    """The guard learns the gateway's pid from it: had it died before the guard armed
+    PDEATHSIG, its own getppid() would already name init, and the engine live on."""
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    guard = [sys.executable, "-m", "vllm_autoserve.engine_guard", "--parent", str(gone.pid)]
+    # In a session of its own, as the gateway starts it: the guard kills its whole group.
+    result = subprocess.run([*guard, "--", *command], timeout=30, start_new_session=True)
+    assert result.returncode == 1
+    assert not marker.exists()
+    subprocess.run(
+        [*guard[:3], "--parent", str(os.getpid()), "--", *command],
+        timeout=30,
+        start_new_session=True,
+    )
+    assert marker.exists()  # with the right parent, it runs
+
+
 def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
-    cfg = ("[gateway]\nstop_grace_seconds = 1\n"
-           + fake_model("stubborn", "--ignore-sigterm", "--pid-file", str(pid_file)))
+    cfg = "[gateway]\nstop_grace_seconds = 1\n" + fake_model(
+        "stubborn", "--ignore-sigterm", "--pid-file", str(pid_file)
+    )
     with running_gateway(cfg) as gw, gw.client() as c:
-        assert c.post("/up", json={"model_path": "stubborn", "wait": 15}).json()["status"] == "healthy"
+        assert (
+            c.post("/up", json={"model_path": "stubborn", "wait": 15}).json()["status"] == "healthy"
+        )
         pids = engine_pids(pid_file)
         started = time.monotonic()
         assert c.post("/down", json={"model_path": "stubborn"}).json()["state"] == "cold"
@@ -82,15 +126,17 @@ def test_client_disconnect_closes_the_upstream_request() -> None:
     cfg = fake_model("m", "--chunks", "200", "--chunk-delay", "0.05")
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
-        with c.stream("POST", "/v1/chat/completions",
-                      json={"model": "m", "stream": True, **CHAT}) as response:
+        with c.stream(
+            "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
+        ) as response:
             chunks = response.iter_raw()
             next(chunks)
             next(chunks)
         closed_at = time.monotonic()
         port = engine_port(gw)
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1,
-                 timeout=5)
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/stats").json()["cancelled"] == 1, timeout=5
+        )
         assert time.monotonic() - closed_at < 2.0
         stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
         assert stats["completed_streams"] == 0
@@ -98,13 +144,15 @@ def test_client_disconnect_closes_the_upstream_request() -> None:
 
 
 def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
-    cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"
-           + fake_model("m", "--chunks", "20", "--chunk-delay", "0.05", "--die-mid-stream", "5"))
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0\n" + fake_model(
+        "m", "--chunks", "20", "--chunk-delay", "0.05", "--die-mid-stream", "5"
+    )
     with running_gateway(cfg) as gw, gw.client() as c:
         received = b""
         with pytest.raises(httpx.RemoteProtocolError):
-            with c.stream("POST", "/v1/chat/completions",
-                          json={"model": "m", "stream": True, **CHAT}) as response:
+            with c.stream(
+                "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
+            ) as response:
                 for chunk in response.iter_raw():
                     received += chunk
         assert b"[DONE]" not in received
@@ -123,9 +171,12 @@ def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
         result: dict[str, bytes] = {}
 
         def consume() -> None:
-            with gw.client() as own, own.stream(
-                "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
-            ) as response:
+            with (
+                gw.client() as own,
+                own.stream(
+                    "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
+                ) as response,
+            ):
                 result["body"] = b"".join(response.iter_raw())
 
         reader = threading.Thread(target=consume)
@@ -135,6 +186,63 @@ def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
         reader.join(20)
         assert result["body"].endswith(b"data: [DONE]\n\n")
         assert gw.process.wait(20) in (0, -signal.SIGTERM)
+
+
+def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left(
+    tmp_path: Path,
+) -> None:
+    """Held for a cold start past drain_seconds, requests got uvicorn's bare 500, and their
+    wait started a new engine as the gateway exited, which nothing ever stopped."""
+    pid_file = tmp_path / "pids"
+    cfg = (
+        "[gateway]\ndrain_seconds = 1\nhold_seconds = 60\n"
+        + fake_model("cold", "--startup-delay", "30", "--pid-file", str(pid_file))
+        + fake_model("warm", "--chunks", "200", "--chunk-delay", "0.05")
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "warm", "wait": 15}).json()["status"] == "healthy"
+        answers: list[httpx.Response] = []
+        streamed: list[bytes] = []
+
+        def held() -> None:
+            with gw.client() as own:
+                answers.append(own.post("/v1/chat/completions", json={"model": "cold", **CHAT}))
+
+        def stream() -> None:
+            with (
+                gw.client() as own,
+                own.stream(
+                    "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
+                ) as response,
+            ):
+                try:
+                    for chunk in response.iter_raw():
+                        streamed.append(chunk)
+                except httpx.HTTPError:
+                    pass  # cut, as it must be
+
+        threads = [threading.Thread(target=held) for _ in range(2)]
+        threads.append(threading.Thread(target=stream))
+        for thread in threads:
+            thread.start()
+        engine_pids(pid_file)  # the cold model's engine is starting
+        gw.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert gw.process.wait(30) in (0, -signal.SIGTERM)
+        for answer in answers:
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "gateway_shutting_down"
+            assert "retry-after" in answer.headers
+        body = b"".join(streamed)
+        assert b"gateway_shutting_down" in body and not body.endswith(b"data: [DONE]\n\n")
+        log = gw.log()
+        assert log.count("status=503") == 2, log
+        assert "Traceback" not in log
+    # Nothing outlives the gateway: not the engine that was starting, nor a new one.
+    time.sleep(2)
+    assert not alive(engine_pids(pid_file))
+    assert "cold -> starting (request)" not in log.split("Shutting down", 1)[1]
 
 
 def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
@@ -159,12 +267,16 @@ def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
         assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
 
 
-
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "VLLM_GATEWAY_AUTH"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "vllm_autoserve.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=30, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_autoserve.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=full_env,
+    )
 
 
 def test_serve_refuses_to_start_without_a_key_or_with_no_auth_on_a_public_host() -> None:
@@ -181,7 +293,7 @@ def test_a_bad_config_file_stops_start_up_naming_the_key(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "gateway.hold_seconds" in result.stderr
     assert "gateway.idle: unknown key" in result.stderr
-    assert 'models.m.gpu' in result.stderr
+    assert "models.m.gpu" in result.stderr
     config.write_text("[gateway\n")
     result = _serve("--config", str(config), env={"VLLM_GATEWAY_AUTH": "k"})
     assert result.returncode == 2 and "not valid TOML" in result.stderr

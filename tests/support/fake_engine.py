@@ -2,7 +2,7 @@
 
     python fake_engine.py --port 8001 [--startup-delay 2] [--fail-at-start "msg"]
         [--die-after N] [--chunks 5 --chunk-delay 0.05] [--die-mid-stream K]
-        [--hang-at-start] [--ignore-sigterm] [--spawn-child] [--pid-file F]
+        [--hang-at-start] [--ignore-sigterm] [--spawn-child [--stubborn-child]] [--pid-file F]
 
 Like vLLM, it requires ``Authorization: Bearer $VLLM_API_KEY`` when that variable is set
 (``/health`` and ``/stats`` are open). ``/stats`` reports what it saw, for assertions.
@@ -95,8 +95,15 @@ class Engine:
             return denied
         self.count()
         if request.method == "GET":  # the redirected call of --modal-redirect
-            return web.json_response({"id": "cmpl-redirected", "object": "chat.completion",
-                                      "model": "fake", "choices": [], "usage": None})
+            return web.json_response(
+                {
+                    "id": "cmpl-redirected",
+                    "object": "chat.completion",
+                    "model": "fake",
+                    "choices": [],
+                    "usage": None,
+                }
+            )
         if request.content_type != "application/json":  # as vLLM's validate_json_request
             return error_response(
                 400, "Unsupported Media Type: Only 'application/json' is allowed", "Bad Request"
@@ -149,8 +156,10 @@ class Engine:
         if self.args.garbage:
             transport.write(b"\x00\x01 this is not HTTP \xff\r\n\r\n")
         else:
-            transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                            b"Content-Length: 1000\r\n\r\n{\"id\": \"cut")
+            transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"id": "cut'
+            )
         await asyncio.sleep(0.05)
         transport.close()
         await asyncio.sleep(30)  # never answer properly; the connection is gone anyway
@@ -230,19 +239,37 @@ def main() -> None:
     parser.add_argument("--die-mid-stream", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
-    parser.add_argument("--garbage", action="store_true", help="answer with bytes that are not HTTP")
-    parser.add_argument("--close-early", action="store_true",
-                        help="promise a body, send half of it, close the connection")
-    parser.add_argument("--modal-redirect", action="store_true",
-                        help="answer POSTs like a Modal web call past 150 s: 303 to a GET")
-    parser.add_argument("--response-delay", type=float, default=0.0,
-                        help="think this long before a non-streamed answer (like vLLM generating)")
+    parser.add_argument(
+        "--garbage", action="store_true", help="answer with bytes that are not HTTP"
+    )
+    parser.add_argument(
+        "--close-early",
+        action="store_true",
+        help="promise a body, send half of it, close the connection",
+    )
+    parser.add_argument(
+        "--modal-redirect",
+        action="store_true",
+        help="answer POSTs like a Modal web call past 150 s: 303 to a GET",
+    )
+    parser.add_argument(
+        "--response-delay",
+        type=float,
+        default=0.0,
+        help="think this long before a non-streamed answer (like vLLM generating)",
+    )
     parser.add_argument("--pad", type=int, default=0, help="bytes of padding in every chunk")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--spawn-child", action="store_true")
+    parser.add_argument(
+        "--stubborn-child", action="store_true", help="the child of --spawn-child ignores SIGTERM"
+    )
     parser.add_argument("--pid-file", default=None)
-    parser.add_argument("--tls-cert", default=None,
-                        help="serve HTTPS with this PEM file (key and certificate chain)")
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        help="serve HTTPS with this PEM file (key and certificate chain)",
+    )
     args = parser.parse_args()
 
     print(f"fake engine starting on port {args.port}", flush=True)
@@ -250,7 +277,9 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pids = [os.getpid()]
     if args.spawn_child:  # like vLLM's EngineCore: a child that outlives a crashed parent
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if args.stubborn_child else ""
+        code = f"import signal, time; {ignore}time.sleep(3600)"
+        child = subprocess.Popen([sys.executable, "-c", code])
         pids.append(child.pid)
     if args.pid_file:
         Path(args.pid_file).write_text(" ".join(map(str, pids)))
@@ -259,6 +288,7 @@ def main() -> None:
         print(args.fail_at_start, file=sys.stderr, flush=True)
         sys.exit(1)
     if args.hang_at_start:
+        print("loading weights: stuck (fake)", flush=True)
         while True:
             time.sleep(1)
     time.sleep(args.startup_delay)
@@ -278,9 +308,16 @@ def main() -> None:
     if args.tls_cert:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.tls_cert)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
-                handle_signals=not args.ignore_sigterm, handler_cancellation=True,
-                ssl_context=tls)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        handle_signals=not args.ignore_sigterm,
+        handler_cancellation=True,
+        ssl_context=tls,
+    )
 
 
 if __name__ == "__main__":

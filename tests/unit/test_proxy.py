@@ -10,7 +10,7 @@ import pytest
 from tests.support.raw_upstream import Server, answering, serving
 from vllm_autoserve.errors import BadRequest
 from vllm_autoserve.pools.base import Upstream
-from vllm_autoserve.proxy import Proxy, _gateway_location, _target
+from vllm_autoserve.proxy import Forwarded, Proxy, _gateway_location, _target
 
 
 async def forward(
@@ -37,6 +37,7 @@ async def forward(
             send=send,
             gone=gone,
             label="m",
+            result=Forwarded(),
         )
     finally:
         await proxy.close()

@@ -29,6 +29,7 @@ from .errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    ShuttingDown,
     Unauthorized,
     UpstreamUnavailable,
 )
@@ -177,6 +178,8 @@ class GatewayApp:
     async def shutdown(self) -> None:
         await self.pools.close()
         await self.proxy.close()
+        await asyncio.sleep(0)  # requests cancelled by the shutdown write their access lines
+        self.access.flush()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -239,16 +242,17 @@ class GatewayApp:
                 overhead = time.perf_counter() - started - held
                 metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
-                    outcome = await self._forward(pool, upstream, scope, headers, body, send, gone)
+                    await self._forward(pool, upstream, scope, headers, body, send, gone, outcome)
             finally:
                 watch.stop()
         except ClientGone:
             outcome.client_gone = True
         except GatewayError as error:
-            outcome.status = error.status
-            error_body = error.body_bytes()
-            outcome.bytes_out = len(error_body)
-            await send_bytes(send, error.status, error_body, error.headers())
+            await _answer_error(send, error, outcome)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when drain_seconds are over: say so, rather
+            # than leave uvicorn to answer a bare 500 (or cut a stream without a word).
+            await _answer_shutdown(send, outcome)
         finally:
             elapsed = time.perf_counter() - started
             status = str(outcome.status) if not outcome.client_gone else "499"
@@ -275,11 +279,14 @@ class GatewayApp:
         watch.start()
         ready = asyncio.create_task(pool.ensure_ready(hold))
         first: set[asyncio.Future[Any]] = {ready, watch.gone}
-        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ready
+        try:
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not ready.done():  # the client left, or this request was cancelled
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+        if ready.cancelled():
             return None
         return ready.result()
 
@@ -292,9 +299,10 @@ class GatewayApp:
         body: bytes,
         send: Send,
         gone: asyncio.Future[None],
-    ) -> Forwarded:
+        outcome: Forwarded,
+    ) -> None:
         try:
-            return await self.proxy.forward(
+            await self.proxy.forward(
                 upstream,
                 method=scope["method"],
                 path=_raw_path(scope),
@@ -304,6 +312,7 @@ class GatewayApp:
                 send=send,
                 gone=gone,
                 label=pool.name,
+                result=outcome,
             )
         except UpstreamUnavailable:
             pool.report_unreachable()
@@ -318,6 +327,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return pending.pop() if pending else await receive()
 
     return replayed
+
+
+async def _answer_error(send: Send, error: GatewayError, outcome: Forwarded) -> None:
+    outcome.status = error.status
+    error_body = error.body_bytes()
+    outcome.bytes_out = len(error_body)
+    await send_bytes(send, error.status, error_body, error.headers())
+
+
+async def _answer_shutdown(send: Send, outcome: Forwarded) -> None:
+    """The end of a request the gateway's shutdown cut: a 503 if nothing was sent yet, an
+    error event in a stream under way (left unfinished, so that it reads as cut)."""
+    with contextlib.suppress(Exception):  # the client may be gone too
+        if outcome.status == 0:
+            await _answer_error(send, ShuttingDown(), outcome)
+        elif outcome.stream:
+            event = b"data: " + orjson.dumps(ShuttingDown().body()) + b"\n\n"
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            outcome.upstream_broke = True
 
 
 def _json_problem(body: bytes) -> BadRequest | None:

@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import aiohttp
 
+from .engine_guard import EXIT_LINE
+
 log = logging.getLogger("vllm_autoserve.engine")
 
 LOG_TAIL_LINES = 60
@@ -98,6 +100,10 @@ class EngineProcess:
         self._lines: deque[str] = deque(maxlen=_LOG_KEEP_LINES)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[None] | None = None
+        # The engine's exit code, known when the guard says the engine exited (it goes on
+        # to clean up its helpers, up to a few seconds), or else when the process exits.
+        self._exited: asyncio.Future[int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -111,7 +117,8 @@ class EngineProcess:
         argv = self.argv
         if self.guarded:
             guard = [sys.executable, "-m", "vllm_autoserve.engine_guard"]
-            argv = [*guard, "--grace", str(self.stop_grace), "--", *argv]
+            guard += ["--grace", str(self.stop_grace), "--parent", str(os.getpid())]
+            argv = [*guard, "--", *argv]
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -123,7 +130,9 @@ class EngineProcess:
             )
         except OSError as exc:
             raise EngineFailed(f"[{self.name}] cannot start {self.argv[0]!r}: {exc}") from exc
+        self._exited = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read_output(), name=f"output {self.name}")
+        self._waiter = asyncio.create_task(self._wait_process(), name=f"exit {self.name}")
         log.info("[%s] engine started (pid %s): %s", self.name, self._proc.pid, " ".join(self.argv))
 
     async def _read_output(self) -> None:
@@ -137,8 +146,22 @@ class EngineProcess:
             if not line:
                 return
             text = line.decode("utf-8", "replace").rstrip()
+            if self.guarded and text.startswith(EXIT_LINE):
+                code = text[len(EXIT_LINE) :]
+                self._set_exited(int(code) if code.lstrip("-").isdigit() else -1)
+                continue
             self._lines.append(text)
             log.debug("[%s] %s", self.name, text)
+
+    async def _wait_process(self) -> None:
+        assert self._proc is not None
+        code = await self._proc.wait()
+        await self._drain_output()
+        self._set_exited(code)
+
+    def _set_exited(self, code: int) -> None:
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(code)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
         tail = "\n".join(list(self._lines)[-lines:])
@@ -149,21 +172,14 @@ class EngineProcess:
         return EngineFailed(f"[{self.name}] {what}" + (f"\n{tail}" if tail else ""))
 
     async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
-        """Return once ``/health`` answers 200; raise ``EngineFailed`` if the process exits."""
-        assert self._proc is not None
-        exited = asyncio.create_task(self._proc.wait())
-        try:
-            while True:
-                if self._proc.returncode is not None:
-                    await self._drain_output()
-                    raise self.failure(
-                        f"engine exited prematurely with code {self._proc.returncode}"
-                    )
-                if await self._health_ok(session):
-                    return
-                await asyncio.wait({exited}, timeout=_HEALTH_INTERVAL)
-        finally:
-            exited.cancel()
+        """Return once ``/health`` answers 200; raise ``EngineFailed`` if the engine exits."""
+        assert self._exited is not None
+        while True:
+            if self._exited.done():
+                raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
+            if await self._health_ok(session):
+                return
+            await asyncio.wait({self._exited}, timeout=_HEALTH_INTERVAL)
 
     async def _health_ok(self, session: aiohttp.ClientSession) -> bool:
         try:
@@ -174,10 +190,9 @@ class EngineProcess:
             return False
 
     async def wait_exit(self) -> int:
-        assert self._proc is not None
-        code = await self._proc.wait()
-        await self._drain_output()
-        return code
+        """The engine's exit code, as soon as it has exited."""
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
 
     async def _drain_output(self) -> None:
         if self._reader is not None:
@@ -201,9 +216,12 @@ class EngineProcess:
         self._signal_group(signal.SIGKILL)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.wait(), 5.0)
+        if proc.returncode is not None:
+            self._set_exited(proc.returncode)
         await self._drain_output()
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._waiter):
+            if task is not None:
+                task.cancel()
 
     def _signal_group(self, sig: int) -> None:
         assert self._proc is not None

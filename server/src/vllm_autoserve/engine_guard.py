@@ -1,12 +1,14 @@
 """A small parent for one engine, so that no engine process outlives the gateway.
 
-    python -m vllm_autoserve.engine_guard --grace 10 -- vllm-or-any-command args...
+    python -m vllm_autoserve.engine_guard --grace 10 --parent PID -- vllm-or-any-command args...
 
 vLLM's API server starts ``EngineCore``/``Worker`` children; if the API server dies, those
 live on and keep their GPU memory. The guard is started in a process group of its own, as
 a child subreaper (orphaned descendants are re-parented to it), with ``PDEATHSIG`` so that
 it hears of the gateway's death even after a SIGKILL. When the engine exits, or the guard is
-told to stop, every remaining descendant is killed. The guard exits with the engine's code.
+told to stop, every remaining descendant is killed. The guard exits with the engine's code,
+and says so on its output (``EXIT_LINE``) as soon as the engine exits, before it has cleaned
+up after it: that is when the gateway must stop sending the engine requests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+EXIT_LINE = "engine_guard: the engine exited with code "
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -71,14 +74,21 @@ def _reap() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     grace = 10.0
-    if args[:1] == ["--grace"]:
-        grace, args = float(args[1]), args[2:]
+    parent = None
+    while args[:1] in (["--grace"], ["--parent"]):
+        if args[0] == "--grace":
+            grace = float(args[1])
+        else:
+            parent = int(args[1])
+        args = args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: engine_guard [--grace S] -- COMMAND...", file=sys.stderr)
+        print("usage: engine_guard [--grace S] [--parent PID] -- COMMAND...", file=sys.stderr)
         return 2
-    parent = os.getppid()
+    # The gateway's pid as the gateway saw it: if it died while this interpreter was still
+    # starting, getppid() here is already 1 (or a subreaper), and PDEATHSIG would never fire.
+    parent = os.getppid() if parent is None else parent
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the gateway died before PDEATHSIG was armed
@@ -103,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if stop_requested and time.monotonic() - stop_requested[0] > grace:
             _kill_all(signal.SIGKILL)
         time.sleep(0.05)
+    code = engine.returncode if engine.returncode >= 0 else 128 - engine.returncode
+    try:
+        print(f"{EXIT_LINE}{code}", flush=True)
+    except OSError:  # nobody reads any more (the gateway is gone): clean up all the same
+        pass
     # The engine is gone: its helpers must go too.
     _kill_all(signal.SIGTERM)
     deadline = time.monotonic() + min(grace, 5.0)
@@ -111,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.05)
     _kill_all(signal.SIGKILL)
     _reap()
-    code = engine.returncode
-    return code if code >= 0 else 128 - code
+    return code
 
 
 if __name__ == "__main__":

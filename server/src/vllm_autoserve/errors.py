@@ -12,6 +12,7 @@ connection, an engine that exited) are mapped to one of these once, where they h
     ├── PayloadTooLarge               413     invalid_request_error    payload_too_large
     ├── ModelNotReady                 503     service_unavailable      model_not_ready  (+ Retry-After)
     ├── ModelFailed                   503     engine_error             model_failed     (+ Retry-After)
+    ├── ShuttingDown                  503     service_unavailable      gateway_shutting_down (+ Retry-After)
     └── UpstreamUnavailable           502     engine_error             upstream_unavailable
 
 ``ConfigError`` is separate: it stops start-up and never reaches a client.
@@ -128,6 +129,17 @@ class ModelFailed(GatewayError):
     status = 503
     type = "engine_error"
     code = "model_failed"
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is stopping: nothing is started any more, waiting requests are let go."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "gateway_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down; retry in a moment", retry_after=5)
 
 
 class UpstreamUnavailable(GatewayError):

@@ -94,6 +94,12 @@ class AccessLog:
             return
         logger.handle(entry.record())
 
+    def flush(self) -> None:
+        """Write what is batched now (at shutdown: the process may end by its signal next,
+        before any exit hook)."""
+        for handler in self.logger.handlers:
+            handler.flush()
+
 
 class _PerSecond:
     """``strftime`` of a timestamp's whole second, reused while the second lasts (one

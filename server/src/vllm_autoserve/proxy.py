@@ -117,10 +117,12 @@ class Proxy:
         send: Send,
         gone: asyncio.Future[None],
         label: str,
-    ) -> Forwarded:
-        """Send the request upstream and stream the answer back; raises ``UpstreamUnavailable``
-        if nothing could be sent to the client yet. ``gone`` completes when the client
-        disconnects: the upstream request is then closed at once, answered or not."""
+        result: Forwarded,
+    ) -> None:
+        """Send the request upstream and stream the answer back, noting in ``result`` what
+        was sent; raises ``UpstreamUnavailable`` if nothing could be sent to the client yet.
+        ``gone`` completes when the client disconnects: the upstream request is then closed
+        at once, answered or not."""
         target = _target(upstream.url)
         url = target.path_prefix + path
         if query or upstream.params:
@@ -146,13 +148,12 @@ class Proxy:
         breaks = len(lines) + 1
         if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
             raise BadRequest("line break in the request target or a header")
-        result = Forwarded()
         try:
             response = await self._request(target, method, url, head + body, gone)
         except UpstreamError as exc:
             if gone.done():  # the client left first; the upstream was told by the close
                 result.client_gone = True
-                return result
+                return
             # The engine's address stays in the gateway's log, never in a client's answer.
             log.warning("%s: the engine did not answer: %s", label, exc)
             raise UpstreamUnavailable(f"the engine serving '{label}' did not answer") from None
@@ -168,7 +169,6 @@ class Proxy:
             response.release()
             if result.stream:
                 metrics.child(metrics.OPEN_STREAMS, label).dec()
-        return result
 
     async def _request(
         self, target: _Target, method: str, url: str, request: bytes, gone: asyncio.Future[None]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from .. import metrics
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
-from ..errors import ModelFailed, ModelNotReady
+from ..errors import ModelFailed, ModelNotReady, ShuttingDown
 from .status import PoolState, PoolStatus, Upstream
 
 __all__ = ["EngineFailed", "IllegalTransition", "Pool", "PoolState", "PoolStatus", "Upstream"]
@@ -72,6 +72,7 @@ class Pool(ABC):
         self._downs = 0  # explicit /down calls: requests held across one give up
         self._stop_task: asyncio.Task[None] | None = None
         self._restart_after_stop = False
+        self._closing = False  # the gateway is shutting down: no engine is started any more
         self.on_idle: Callable[[], None] | None = None
         """Called when the last request in flight ends (GPU slots wait for idle engines)."""
         # Read when scraped: no gauge update per request.
@@ -159,8 +160,16 @@ class Pool(ABC):
         cooldown = self.config.gateway.failure_cooldown_seconds
         return max(0.0, self._failed_at + cooldown - time.monotonic())
 
+    def close(self) -> None:
+        """From now on start nothing: the gateway is shutting down (``Pools.close``)."""
+        self._closing = True
+        self._changed.set()  # wake waiting requests, so that they give up
+        self._changed = asyncio.Event()
+
     def _kick(self, reason: str) -> None:
         """Start an engine if none is running or starting (single flight)."""
+        if self._closing:
+            return
         if self._state is PoolState.COLD or (
             self._state is PoolState.FAILED and self._cooldown_left() == 0
         ):
@@ -176,12 +185,13 @@ class Pool(ABC):
         except asyncio.CancelledError:
             raise
         except TimeoutError:
+            tail = self._log_tail()  # before the engine, and its output, are gone
             await self._terminate()
             self._move(
                 PoolState.FAILED,
                 reason="startup deadline",
                 error=f"[{self.name}] engine did not become healthy within "
-                f"{self.startup_seconds:g} s\n{self._log_tail()}".rstrip(),
+                f"{self.startup_seconds:g} s\n{tail}".rstrip(),
             )
         except EngineFailed as exc:
             await self._terminate()
@@ -226,6 +236,8 @@ class Pool(ABC):
             state = self._state
             if state is PoolState.HEALTHY and self._upstream is not None:
                 return self._upstream
+            if self._closing:
+                raise ShuttingDown()
             if self._downs != downs:
                 raise ModelNotReady(
                     f"[{self.name}] was stopped with /down while this request waited",
@@ -264,6 +276,8 @@ class Pool(ABC):
 
     async def up(self, wait: float) -> PoolStatus:
         """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed."""
+        if self._closing:
+            raise ShuttingDown()
         self._last_activity = time.monotonic()
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
@@ -275,6 +289,8 @@ class Pool(ABC):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if self._closing:
+                raise ShuttingDown()
             if self._state is PoolState.COLD:
                 self._kick("up")
                 continue

@@ -93,6 +93,9 @@ class LocalPool(Pool):
         return prefix + argv, extra_env
 
     async def _launch(self) -> Upstream:
+        if self._watcher is not None:  # the clean-up after an engine that died
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._watcher)
         count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
         devices = await self._gpus_slots.acquire(self.name, count, self._neighbours)
         port = free_port(ENGINE_HOST)
@@ -117,9 +120,11 @@ class LocalPool(Pool):
     async def _watch(self, engine: EngineProcess) -> None:
         code = await engine.wait_exit()
         if self._engine is engine:
-            await engine.stop()  # its leftover children
-            self._gpus_slots.release(self.name)
+            # Failed at once, so that requests get a 503 with Retry-After, not a 502; its
+            # leftover children may take a few seconds to go, and a restart waits for them.
             self._engine_died(str(engine.failure(f"engine exited with code {code}")))
+            await engine.stop()
+            self._gpus_slots.release(self.name)
 
     async def _terminate(self) -> None:
         watcher, self._watcher = self._watcher, None

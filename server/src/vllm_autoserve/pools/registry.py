@@ -24,6 +24,7 @@ class Pools(ABC):
         self._http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
+        self._closing = False
 
     @abstractmethod
     def _create(self, name: str, settings: ModelConfig) -> Pool:
@@ -37,6 +38,8 @@ class Pools(ABC):
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = self._create(name, self.config.model(name))
+            if self._closing:
+                pool.close()
         return pool
 
     def statuses(self) -> list[PoolStatus]:
@@ -81,7 +84,10 @@ class Pools(ABC):
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle reaper")
 
     async def close(self) -> None:
-        """Stop every engine this gateway started."""
+        """Stop every engine this gateway started, and start none from now on."""
+        self._closing = True
+        for pool in self._pools.values():
+            pool.close()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
