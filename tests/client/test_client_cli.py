@@ -114,3 +114,20 @@ def test_settings_from_the_environment(
     monkeypatch.setenv("AUTOSERVE_BASE_URL", BASE_URL)
     monkeypatch.setenv("VLLM_GATEWAY_AUTH", API_KEY)
     assert cli.main(["status"]) == 0
+
+
+def test_status_on_a_narrow_terminal_keeps_every_cell_whole(gateway: FakeGateway) -> None:
+    import io
+
+    from rich.console import Console
+
+    names = ["Qwen/Qwen3-Next-80B-A3B-Instruct", "org/slow2"]
+    gateway.pools = [pool_json(name, "healthy") for name in names]
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=80, color_system=None)
+    args = cli._parser().parse_args(["--base-url", BASE_URL, "--api-key", API_KEY, "status"])
+    args.timeout = None  # as main() sets it
+    cli._status(args, terminal, terminal)
+    for name in names:
+        assert len([line for line in screen.getvalue().splitlines() if name in line]) == 1
+    assert "healthy" in screen.getvalue() and "last request" in screen.getvalue()

@@ -96,5 +96,8 @@ def test_a_keyless_gateway_refuses_other_pages_and_other_host_names() -> None:
         assert httpx.get(gw.url + "/docs", headers={"Origin": gw.url}).status_code == 200
         local = httpx.get(f"http://localhost:{port}/v1/models")
         assert local.status_code == 200
+        for host in ("localhost.", "0.0.0.0", "[::ffff:127.0.0.1]", "[::1]"):
+            named = httpx.get(gw.url + "/v1/models", headers={"Host": f"{host}:{port}"})
+            assert named.status_code == 200, host
         answer = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=60)
         assert answer.status_code == 200

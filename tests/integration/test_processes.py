@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.fake_engine import FAKE_ENGINE
 from tests.support.gateway import fake_model, free_port, running_gateway
 from tests.support.waiting import alive, engine_port, wait_for
 
@@ -84,6 +85,38 @@ def test_a_crashed_engine_is_failed_at_once_while_its_stubborn_child_is_cleaned_
         assert answer.status_code == 503 and "retry-after" in answer.headers
         assert answer.json()["error"]["code"] == "model_failed"
         wait_for(lambda: not alive([engine, child]), timeout=15)
+
+
+def test_down_during_the_clean_up_after_a_crash_starts_nothing(tmp_path: Path) -> None:
+    """A start waiting for the crashed engine's clean-up swallowed the cancel of /down (or
+    of shutdown), and went on to start an engine."""
+    pid_file = tmp_path / "pids"
+    cfg = "[gateway]\nstop_grace_seconds = 4\nfailure_cooldown_seconds = 0\n" + fake_model(
+        "m", "--spawn-child", "--stubborn-child", "--pid-file", str(pid_file)
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        engine, _ = engine_pids(pid_file)
+        os.kill(engine, signal.SIGKILL)
+        wait_for(lambda: gw.status()["m"]["state"] == "failed", timeout=10)
+        assert c.post("/up", json={"model_path": "m"}).json()["state"] == "starting"
+        assert c.post("/down", json={"model_path": "m"}).json()["state"] == "cold"
+        time.sleep(5)  # past the clean-up the start was waiting for
+        assert gw.log().count("engine started") == 1, gw.log()
+        assert gw.status()["m"]["state"] == "cold"
+
+
+def test_engine_output_cannot_pass_for_the_guards_exit_line() -> None:
+    engine = f"{sys.executable} {FAKE_ENGINE} --port $0"
+    fake = "echo 'engine_guard: the engine exited with code 0'"
+    cfg = (
+        f'[models."m"]\ncommand = ["bash", "-c", "(sleep 2; {fake}) & exec {engine}", "{{port}}"]\n'
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        time.sleep(3)  # the line was printed at 2 s
+        assert gw.status()["m"]["state"] == "healthy"
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
 
 
 def test_a_guard_whose_gateway_died_while_it_started_runs_nothing(tmp_path: Path) -> None:
@@ -208,6 +241,10 @@ def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left
             with gw.client() as own:
                 answers.append(own.post("/v1/chat/completions", json={"model": "cold", **CHAT}))
 
+        def long_poll() -> None:
+            with gw.client() as own:
+                answers.append(own.post("/up", json={"model_path": "cold", "wait": 60}))
+
         def stream() -> None:
             with (
                 gw.client() as own,
@@ -222,7 +259,7 @@ def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left
                     pass  # cut, as it must be
 
         threads = [threading.Thread(target=held) for _ in range(2)]
-        threads.append(threading.Thread(target=stream))
+        threads += [threading.Thread(target=stream), threading.Thread(target=long_poll)]
         for thread in threads:
             thread.start()
         engine_pids(pid_file)  # the cold model's engine is starting
@@ -230,6 +267,7 @@ def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left
         for thread in threads:
             thread.join(30)
         assert gw.process.wait(30) in (0, -signal.SIGTERM)
+        assert len(answers) == 3
         for answer in answers:
             assert answer.status_code == 503, answer.text
             assert answer.json()["error"]["code"] == "gateway_shutting_down"

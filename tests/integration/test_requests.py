@@ -142,6 +142,7 @@ def test_inference_routes_take_post_only(gateway) -> None:  # type: ignore[no-un
             response = c.request(method, "/v1/chat/completions", json={"model": "m", **CHAT})
             assert response.status_code == 405, (method, response.text)
             assert response.json()["error"]["code"] == "method_not_allowed"
+            assert response.headers["allow"] == "POST"
         assert c.post("/health").status_code == 405
         assert c.get("/health").status_code == 200 and c.head("/health").status_code == 200
         assert gateway.status()["m"]["state"] == "cold"  # nothing was started for them

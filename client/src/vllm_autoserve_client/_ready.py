@@ -97,9 +97,12 @@ class ReadyState:
                 return
             # The wrapper, not the flight, is what a timeout or a cancellation cancels.
             outcome = asyncio.wrap_future(flight)
-            done, _ = await asyncio.wait([outcome], timeout=max(left, 0.0))
+            try:
+                done, _ = await asyncio.wait([outcome], timeout=max(left, 0.0))
+            finally:
+                if not outcome.done():  # timed out or cancelled: nobody will read it
+                    outcome.cancel()
             if not done:
-                outcome.cancel()
                 raise ModelStartTimeout(key[1], time.monotonic() - started)
             try:
                 outcome.result()

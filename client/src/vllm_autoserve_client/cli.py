@@ -32,6 +32,7 @@ from openai import (
 )
 from rich.console import Console, RenderableType
 from rich.live import Live
+from rich.measure import Measurement
 from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
@@ -111,10 +112,11 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
     table = Table(show_edge=False)
-    table.add_column("model", no_wrap=True)  # never cut: names are what scripts grep for
-    for column in ("state", "since", "last request", "in flight", "engines", "gpus"):
+    for column in ("model", "state", "since", "last request", "in flight", "engines", "gpus"):
         table.add_column(column, no_wrap=True)
-    table.add_column("error", no_wrap=True, overflow="ellipsis")
+    # On a terminal the first line of an error is cut to fit; piped, it is whole.
+    error_width = 60 if out.is_terminal else None
+    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=error_width)
     for pool in pools:
         gpus = pool.get("gpus") or []
         table.add_row(
@@ -126,6 +128,20 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
             str(pool.get("engines", 0)),
             ",".join(str(g) for g in gpus) or "-",
             Text(_first_line(pool.get("error")), style="red"),
+        )
+    _print_whole(out, table)
+
+
+def _print_whole(out: Console, table: Table) -> None:
+    """Every cell whole, however narrow the terminal (it wraps the lines): model names are
+    what people read and scripts grep for."""
+    needed = Measurement.get(out, out.options.update_width(10_000), table).maximum
+    if needed > out.width:
+        out = Console(
+            file=out.file,
+            width=needed,
+            force_terminal=out.is_terminal,
+            color_system=out.color_system,  # type: ignore[arg-type]
         )
     out.print(table)
 
@@ -147,7 +163,7 @@ def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
             _state(extra.get("state")),
             Text(str(root) if root and root != model.id else ""),
         )
-    out.print(table)
+    _print_whole(out, table)
 
 
 def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:

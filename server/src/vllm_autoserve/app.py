@@ -103,7 +103,9 @@ class GatewayApp:
             if scope["method"] in ("GET", "HEAD"):
                 await send_bytes(send, 200, _HEALTH_BODY, _JSON)
             else:
-                await _send_error(send, MethodNotAllowed("/health takes GET or HEAD"))
+                await _send_error(
+                    send, MethodNotAllowed("/health takes GET or HEAD", allow="GET, HEAD")
+                )
             return
         if (
             path.startswith("/v1/")
@@ -140,7 +142,7 @@ class GatewayApp:
             requested = _header(scope, b"access-control-request-headers")
             await send_bytes(send, 204, b"", self.cross_origin.preflight_headers(origin, requested))
             return None
-        return self.cross_origin.adding_headers(send, origin) if allowed else send
+        return self.cross_origin.answering(send, origin)
 
     def _allowed(self, scope: Scope, path: str) -> bool:
         if path in self._public or (
@@ -168,7 +170,19 @@ class GatewayApp:
                     return
                 scope = _as_json(scope)
             receive = _replay(body, receive)
-        await self.control(scope, receive, send)
+        started: list[bool] = []
+
+        async def noting_start(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        try:
+            await self.control(scope, receive, noting_start)
+        except asyncio.CancelledError:
+            if not started:  # an /up long-poll when the drain ended (see _answer_shutdown)
+                with contextlib.suppress(Exception):
+                    await _send_error(send, ShuttingDown())
 
     # -- lifespan -------------------------------------------------------------------------
 
@@ -212,7 +226,7 @@ class GatewayApp:
             if _CONTROL_CHARS.search(path):
                 raise BadRequest("the path contains control characters")
             if route != "other" and scope["method"] != "POST":  # vLLM's inference routes
-                raise MethodNotAllowed(f"{path} takes POST, not {scope['method']}")
+                raise MethodNotAllowed(f"{path} takes POST, not {scope['method']}", allow="POST")
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )

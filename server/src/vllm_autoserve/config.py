@@ -63,7 +63,7 @@ class GatewaySettings(_Strict):
     """Routes answered without a key (``/health`` always is)."""
     cors_origins: list[str] = []
     """Web pages allowed to call the gateway from a browser (CORS): origins like
-    ``https://chat.example.com``, or ``*`` for any page. None by default, as in vLLM."""
+    ``https://chat.example.com``, or ``*`` for any page. None by default, as in vLLM 0.32."""
     min_containers: Annotated[int, Field(ge=0)] = 0
     """Modal: gateway containers kept warm (0: the gateway, too, scales to zero when idle)."""
 

@@ -1,7 +1,7 @@
 """Requests from web pages: CORS for the origins in ``[gateway] cors_origins``.
 
 Browsers send ``Origin`` with every cross-origin request; other clients send none, so
-without that header this module costs one header look-up. As in vLLM (``--allowed-origins``),
+without that header this module costs one header look-up. As in vLLM 0.32 (``--allowed-origins``),
 no origin is allowed by default: a page's script can then neither read an answer nor send a
 request that needs a preflight.
 
@@ -61,10 +61,10 @@ class CrossOrigin:
         headers.append((b"access-control-max-age", _MAX_AGE))
         return headers
 
-    def adding_headers(self, send: Send, origin: bytes) -> Send:
-        """``send`` with this gateway's CORS headers on the answer, in place of any the
-        engine set (vLLM has its own settings for them)."""
-        extra = self._origin_headers(origin)
+    def answering(self, send: Send, origin: bytes) -> Send:
+        """``send`` with this gateway's CORS headers on the answer (none for an origin it does
+        not allow), in place of any the engine set: vLLM has its own settings for them."""
+        extra = self._origin_headers(origin) if self.allows(origin) else []
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -90,13 +90,18 @@ def _same_origin(origin: bytes, host: bytes | None) -> bool:
 
 
 def _is_loopback_host(host: bytes | None) -> bool:
+    """``localhost``, ``127.0.0.1``, ``[::1]``..., or ``0.0.0.0`` (which reaches this host
+    too), with any port: names a page on another domain cannot take."""
     if not host:
         return False
     name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
-    name = name.strip(b"[]").lower()
+    name = name.strip(b"[]").lower().rstrip(b".")
     if name in _LOOPBACK_NAMES or name.endswith(b".localhost"):
         return True
     try:
-        return ipaddress.ip_address(name.decode("ascii")).is_loopback
+        address = ipaddress.ip_address(name.decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback or address.is_unspecified

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import aiohttp
 
-from .engine_guard import EXIT_LINE
+from .engine_guard import TOKEN_ENV, exit_line
 
 log = logging.getLogger("vllm_autoserve.engine")
 
@@ -104,6 +105,8 @@ class EngineProcess:
         # The engine's exit code, known when the guard says the engine exited (it goes on
         # to clean up its helpers, up to a few seconds), or else when the process exits.
         self._exited: asyncio.Future[int] | None = None
+        self._exit_token = secrets.token_hex(8)
+        self._exit_line = exit_line(self._exit_token)
 
     @property
     def pid(self) -> int | None:
@@ -114,18 +117,19 @@ class EngineProcess:
         return self._proc.returncode if self._proc else None
 
     async def start(self) -> None:
-        argv = self.argv
+        argv, env = self.argv, self.env
         if self.guarded:
             guard = [sys.executable, "-m", "vllm_autoserve.engine_guard"]
             guard += ["--grace", str(self.stop_grace), "--parent", str(os.getpid())]
             argv = [*guard, "--", *argv]
+            env = {**env, TOKEN_ENV: self._exit_token}
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=self.env,
+                env=env,
                 start_new_session=True,
             )
         except OSError as exc:
@@ -146,8 +150,8 @@ class EngineProcess:
             if not line:
                 return
             text = line.decode("utf-8", "replace").rstrip()
-            if self.guarded and text.startswith(EXIT_LINE):
-                code = text[len(EXIT_LINE) :]
+            if self.guarded and self._exit_line in text:
+                code = text.split(self._exit_line, 1)[1]
                 self._set_exited(int(code) if code.lstrip("-").isdigit() else -1)
                 continue
             self._lines.append(text)
@@ -164,7 +168,7 @@ class EngineProcess:
             self._exited.set_result(code)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
-        tail = "\n".join(list(self._lines)[-lines:])
+        tail = "\n".join(list(self._lines)[-lines:]).rstrip()  # (the guard's last line break)
         return tail[-chars:]
 
     def failure(self, what: str) -> EngineFailed:

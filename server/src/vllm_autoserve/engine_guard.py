@@ -7,8 +7,10 @@ live on and keep their GPU memory. The guard is started in a process group of it
 a child subreaper (orphaned descendants are re-parented to it), with ``PDEATHSIG`` so that
 it hears of the gateway's death even after a SIGKILL. When the engine exits, or the guard is
 told to stop, every remaining descendant is killed. The guard exits with the engine's code,
-and says so on its output (``EXIT_LINE``) as soon as the engine exits, before it has cleaned
-up after it: that is when the gateway must stop sending the engine requests.
+and says so on its output (``exit_line``) as soon as the engine exits, before it has cleaned
+up after it: that is when the gateway must stop sending the engine requests. The line
+carries a token the gateway gives the guard alone (``TOKEN_ENV``), so that nothing the
+engine prints can pass for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_LINE = "engine_guard: the engine exited with code "
+TOKEN_ENV = "AUTOSERVE_GUARD_TOKEN"
+
+
+def exit_line(token: str) -> str:
+    """What the guard prints when the engine has exited, before the engine's exit code."""
+    return f"engine_guard {token}: the engine exited with code "
+
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    token = os.environ.pop(TOKEN_ENV, "")  # the engine does not inherit it
     try:
         engine = subprocess.Popen(args)
     except OSError as exc:
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.05)
     code = engine.returncode if engine.returncode >= 0 else 128 - engine.returncode
     try:
-        print(f"{EXIT_LINE}{code}", flush=True)
+        # On a line of its own, even if the engine died in the middle of one.
+        print(f"\n{exit_line(token)}{code}", flush=True)
     except OSError:  # nobody reads any more (the gateway is gone): clean up all the same
         pass
     # The engine is gone: its helpers must go too.

@@ -112,6 +112,16 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
     code = "method_not_allowed"
 
+    def __init__(self, message: str, *, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        headers = super().headers()
+        if self.allow:
+            headers.append((b"allow", self.allow.encode()))
+        return headers
+
 
 class PayloadTooLarge(GatewayError):
     status = 413

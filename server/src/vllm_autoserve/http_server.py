@@ -21,7 +21,8 @@ MAX_HEAD_BYTES = 64 * 1024
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """Refuses a head over ``MAX_HEAD_BYTES`` (431) or not complete ``head_seconds`` after
+    """Refuses a head still incomplete after ``MAX_HEAD_BYTES`` (431: checked per read, so a
+    head that arrives whole in one read may be larger) or ``head_seconds`` after
     its first byte (408), and closes a connection that sends nothing for ``head_seconds``
     after opening."""
 

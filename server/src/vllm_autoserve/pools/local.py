@@ -94,8 +94,7 @@ class LocalPool(Pool):
 
     async def _launch(self) -> Upstream:
         if self._watcher is not None:  # the clean-up after an engine that died
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._watcher)
+            await asyncio.wait({self._watcher})  # however it ends; this task stays cancellable
         count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
         devices = await self._gpus_slots.acquire(self.name, count, self._neighbours)
         port = free_port(ENGINE_HOST)
