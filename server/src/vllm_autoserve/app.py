@@ -122,7 +122,7 @@ class GatewayApp:
 
     async def _check_cross_origin(self, scope: Scope, send: Send) -> Send | None:
         """Answers a preflight or a refused request itself (None); otherwise the ``send``
-        to answer with, adding CORS headers for an allowed origin."""
+        to answer with, which sets the CORS headers (for an allowed origin only)."""
         origin = _header(scope, b"origin")
         error = self.cross_origin.refusal(origin, _header(scope, b"host"))
         if origin is None or error is not None:

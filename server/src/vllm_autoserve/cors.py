@@ -1,9 +1,9 @@
 """Requests from web pages: CORS for the origins in ``[gateway] cors_origins``.
 
 Browsers send ``Origin`` with every cross-origin request; other clients send none, so
-without that header this module costs one header look-up. As in vLLM 0.32 (``--allowed-origins``),
-no origin is allowed by default: a page's script can then neither read an answer nor send a
-request that needs a preflight.
+without that header this module costs one header look-up. As in vLLM 0.32
+(``--allowed-origins``), no origin is allowed by default: a page's script can then neither
+read an answer nor send a request that needs a preflight.
 
 A gateway without a key (``--no-auth``) needs more: any page the user opens can still *send*
 a simple request to 127.0.0.1 (the gateway takes a JSON body whatever its content type, as
