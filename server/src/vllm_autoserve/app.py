@@ -93,8 +93,9 @@ class GatewayApp:
             return
         if kind != "http":
             return
-        if self.cross_origin.keyless or _header(scope, b"origin") is not None:
-            checked = await self._check_cross_origin(scope, send)
+        origin = _header(scope, b"origin")
+        if origin is not None or self.cross_origin.keyless:
+            checked = await self._check_cross_origin(scope, origin, send)
             if checked is None:
                 return
             send = checked
@@ -120,10 +121,11 @@ class GatewayApp:
             return
         await self._control(scope, receive, send)
 
-    async def _check_cross_origin(self, scope: Scope, send: Send) -> Send | None:
+    async def _check_cross_origin(
+        self, scope: Scope, origin: bytes | None, send: Send
+    ) -> Send | None:
         """Answers a preflight or a refused request itself (None); otherwise the ``send``
         to answer with, which sets the CORS headers (for an allowed origin only)."""
-        origin = _header(scope, b"origin")
         error = self.cross_origin.refusal(origin, _header(scope, b"host"))
         if origin is None or error is not None:
             if error is not None:
