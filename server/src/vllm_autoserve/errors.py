@@ -9,7 +9,9 @@ connection, an engine that exited) are mapped to one of these once, where they h
     ├── Unauthorized                  401     authentication_error     invalid_api_key
     ├── Forbidden                     403     permission_error         forbidden
     ├── ModelNotFound                 404     invalid_request_error    model_not_found
+    ├── RequestTimeout                408     invalid_request_error    request_timeout
     ├── PayloadTooLarge               413     invalid_request_error    payload_too_large
+    ├── HeadersTooLarge               431     invalid_request_error    request_header_fields_too_large
     ├── ModelNotReady                 503     service_unavailable      model_not_ready  (+ Retry-After)
     ├── ModelFailed                   503     engine_error             model_failed     (+ Retry-After)
     ├── ShuttingDown                  503     service_unavailable      gateway_shutting_down (+ Retry-After)
@@ -121,6 +123,18 @@ class MethodNotAllowed(GatewayError):
         if self.allow:
             headers.append((b"allow", self.allow.encode()))
         return headers
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class PayloadTooLarge(GatewayError):

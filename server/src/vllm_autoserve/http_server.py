@@ -13,9 +13,11 @@ comparisons more.
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import GatewayError, HeadersTooLarge, RequestTimeout
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -50,9 +52,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_started or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse(
-                431, "request_header_fields_too_large", "the request's headers are over 64 KiB"
-            )
+            self._refuse(HeadersTooLarge("the request's headers are over 64 KiB"))
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
 
@@ -76,7 +76,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._head_started:
-            self._refuse(408, "request_timeout", "the request's headers took too long to arrive")
+            self._refuse(RequestTimeout("the request's headers took too long to arrive"))
         elif self.cycle is None:
             self.transport.close()  # opened and never used
 
@@ -85,25 +85,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, status: int, code: str, message: str) -> None:
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer ``error`` and close: written here, since no request (and no app) has it."""
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # an answer is under way on this connection: no room for another
             return
-        body = orjson.dumps(
-            {
-                "error": {
-                    "message": message,
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": code,
-                }
-            }
-        )
-        reason = b"Request Header Fields Too Large" if status == 431 else b"Request Timeout"
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
-        )
+        body = error.body_bytes()
+        head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
+        head += [b"%s: %s" % header for header in error.headers()]
+        head += [b"content-length: %d" % len(body), b"connection: close"]
+        self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.transport.close()
 
 
