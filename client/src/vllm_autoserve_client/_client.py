@@ -172,23 +172,32 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
             if model is None or self._pool_healthy(model):
                 raise
             log.info("[%s] no answer in time and the pool is not healthy: waiting for it", model)
-            self._ready.forget(self._ready_key(model))
-            self._ensure_ready(model)
-            response = super()._send_request(request, stream=stream, **kwargs)
+            response = self._resend_when_ready(model, request, stream=stream, **kwargs)
         model = is_gateway_503(request, response)
         if model is None:
             return response
         error = GatewayError.parse(response.read())
         if error.code == MODEL_NOT_READY:
             log.info("[%s] the gateway says the pool is not ready: waiting, then retrying", model)
-            self._ready.forget(self._ready_key(model))
-            self._ensure_ready(model)
-            response = super()._send_request(request, stream=stream, **kwargs)
+            response = self._resend_when_ready(model, request, stream=stream, **kwargs)
             if is_gateway_503(request, response) is None:
                 return response
             error = GatewayError.parse(response.read())
         self._judge_503(request, model, error)
         return response
+
+    def _resend_when_ready(
+        self,
+        model: str,
+        request: httpx2.Request,
+        *,
+        stream: bool,
+        **kwargs: Unpack[HttpxSendArgs],
+    ) -> httpx2.Response:
+        """The pool went away: forget it was ready, wait for it, send the request again."""
+        self._ready.forget(self._ready_key(model))
+        self._ensure_ready(model)
+        return super()._send_request(request, stream=stream, **kwargs)
 
 
 class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], AsyncOpenAI):
@@ -319,20 +328,29 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
             if model is None or await self._pool_healthy(model):
                 raise
             log.info("[%s] no answer in time and the pool is not healthy: waiting for it", model)
-            self._ready.forget(self._ready_key(model))
-            await self._ensure_ready(model)
-            response = await super()._send_request(request, stream=stream, **kwargs)
+            response = await self._resend_when_ready(model, request, stream=stream, **kwargs)
         model = is_gateway_503(request, response)
         if model is None:
             return response
         error = GatewayError.parse(await response.aread())
         if error.code == MODEL_NOT_READY:
             log.info("[%s] the gateway says the pool is not ready: waiting, then retrying", model)
-            self._ready.forget(self._ready_key(model))
-            await self._ensure_ready(model)
-            response = await super()._send_request(request, stream=stream, **kwargs)
+            response = await self._resend_when_ready(model, request, stream=stream, **kwargs)
             if is_gateway_503(request, response) is None:
                 return response
             error = GatewayError.parse(await response.aread())
         self._judge_503(request, model, error)
         return response
+
+    async def _resend_when_ready(
+        self,
+        model: str,
+        request: httpx2.Request,
+        *,
+        stream: bool,
+        **kwargs: Unpack[HttpxSendArgs],
+    ) -> httpx2.Response:
+        """The pool went away: forget it was ready, wait for it, send the request again."""
+        self._ready.forget(self._ready_key(model))
+        await self._ensure_ready(model)
+        return await super()._send_request(request, stream=stream, **kwargs)
