@@ -113,6 +113,27 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+_PER_MODEL = (
+    REQUESTS,
+    REQUEST_SECONDS,
+    HELD_SECONDS,
+    COLD_START_SECONDS,
+    POOL_STATE,
+    ENGINE_STARTS,
+    ENGINE_RESTARTS,
+    ENGINE_FAILURES,
+    OPEN_STREAMS,
+    IN_FLIGHT,
+)
+
+
+def forget_model(model: str) -> None:
+    """Drop every series of a model whose pool is forgotten."""
+    for metric in _PER_MODEL:
+        metric.remove_by_labels({"model": model})
+    child.cache_clear()  # cached children of removed series would count into the void
+
+
 def set_pool_state(model: str, state: str) -> None:
     for name in _STATES:
         POOL_STATE.labels(model, name).set(1 if name == state else 0)

@@ -66,7 +66,8 @@ class Pool(ABC):
         self._upstream: Upstream | None = None
         self._in_flight = 0
         self._last_request: float | None = None
-        self._last_activity = time.monotonic()
+        self.last_active = time.monotonic()
+        """When a request or call last asked for this pool (``time.monotonic``)."""
         self._starting_since = 0.0
         self._pinned = False
         self._downs = 0  # explicit /down calls: requests held across one give up
@@ -176,7 +177,7 @@ class Pool(ABC):
             if self._state is PoolState.FAILED:
                 metrics.ENGINE_RESTARTS.labels(self.name).inc()
             self._move(PoolState.STARTING, reason=reason)
-            self._last_activity = time.monotonic()
+            self.last_active = time.monotonic()
             self._start_task = asyncio.create_task(self._run_start(), name=f"start {self.name}")
 
     async def _run_start(self) -> None:
@@ -202,7 +203,7 @@ class Pool(ABC):
             self._move(PoolState.FAILED, reason="start error", error=f"[{self.name}] {exc}")
         else:
             self._upstream = upstream
-            self._last_activity = time.monotonic()
+            self.last_active = time.monotonic()
             self._move(PoolState.HEALTHY, reason="engine healthy")
 
     def _log_tail(self) -> str:
@@ -265,12 +266,12 @@ class Pool(ABC):
         """Count a request in flight: a pool with requests in flight is never idle."""
         self._in_flight += 1
         self._last_request = time.time()
-        self._last_activity = time.monotonic()
+        self.last_active = time.monotonic()
         try:
             yield
         finally:
             self._in_flight -= 1
-            self._last_activity = time.monotonic()
+            self.last_active = time.monotonic()
             if self._in_flight == 0 and self.on_idle is not None:
                 self.on_idle()
 
@@ -278,7 +279,7 @@ class Pool(ABC):
         """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed."""
         if self._closing:
             raise ShuttingDown()
-        self._last_activity = time.monotonic()
+        self.last_active = time.monotonic()
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
             self._restart_after_stop = True
@@ -346,7 +347,21 @@ class Pool(ABC):
             not self._pinned
             and self._state is PoolState.HEALTHY
             and self._in_flight == 0
-            and now - self._last_activity >= self.idle_seconds
+            and now - self.last_active >= self.idle_seconds
+        )
+
+    def at_rest(self) -> bool:
+        """Nothing to lose by forgetting this pool: no engine, stop, request or pin, and no
+        failure still within its cooldown (which keeps a crashing model from restarting)."""
+        return (
+            not self._pinned
+            and self._in_flight == 0
+            and self._stop_task is None
+            and not self._gpus()
+            and (
+                self._state is PoolState.COLD
+                or (self._state is PoolState.FAILED and self._cooldown_left() == 0)
+            )
         )
 
     def report_unreachable(self) -> None:

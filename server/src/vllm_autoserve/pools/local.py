@@ -146,7 +146,7 @@ class LocalPool(Pool):
 
     def evictable_since(self) -> float | None:
         if self._state is PoolState.HEALTHY and self._in_flight == 0 and self._gpus():
-            return self._last_activity
+            return self.last_active
         return None
 
     def evict(self) -> asyncio.Future[object]:

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from abc import ABC, abstractmethod
 
 import aiohttp
 
+from .. import metrics
 from ..config import Config, ModelConfig
 from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus
 
+log = logging.getLogger("vllm_autoserve.pools")
+
 
 class Pools(ABC):
-    """Every model's pool, created on first use; the interface ``create_app`` needs."""
+    """Every model's pool, created on first use; the interface ``create_app`` needs.
+
+    Pools of unlisted models (any repo id, with ``allow_unlisted``) are forgotten once at
+    rest, the least recently used first, when more than ``unlisted_kept`` of them are: their
+    ``/status`` rows and metric series would otherwise grow with every name ever asked for.
+    """
+
+    unlisted_kept = 64
+    forget_after_seconds = 60.0
+    """A pool used this recently is kept: a request may hold it and not have started it yet."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -40,6 +53,7 @@ class Pools(ABC):
             pool = self._pools[name] = self._create(name, self.config.model(name))
             if self._closing:
                 pool.close()
+        pool.last_active = time.monotonic()
         return pool
 
     def statuses(self) -> list[PoolStatus]:
@@ -115,6 +129,23 @@ class Pools(ABC):
                     task = asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
+            self._forget_unlisted(now)
+
+    def _forget_unlisted(self, now: float) -> None:
+        resting = [
+            pool
+            for name, pool in self._pools.items()
+            if name not in self.config.models and pool.at_rest()
+        ]
+        if len(resting) <= self.unlisted_kept:
+            return
+        resting.sort(key=lambda pool: pool.last_active)
+        for pool in resting[: len(resting) - self.unlisted_kept]:
+            if now - pool.last_active < self.forget_after_seconds:
+                break
+            del self._pools[pool.name]
+            metrics.forget_model(pool.name)
+            log.info("[%s] forgotten: unlisted and at rest", pool.name)
 
     def _smallest_idle(self) -> float:
         values = [self.config.gateway.idle_seconds]
