@@ -48,6 +48,8 @@ BAD_AUTH = [
     {"Authorization": f"Bearer {TEST_KEY[:-1]}"},
     {"Authorization": f"Bearer {TEST_KEY}x"},
     {"Authorization": TEST_KEY},
+    {"x-api-key": "wrong"},
+    {"x-api-key": f"Bearer {TEST_KEY}"},
 ]
 
 
@@ -181,6 +183,17 @@ def test_gateway_key_is_never_forwarded_and_engine_requires_its_own(gateway) -> 
     direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                         json={"model": "m", **CHAT}, headers={"Authorization": f"Bearer {TEST_KEY}"})
     assert direct.status_code == 401
+
+
+def test_the_key_as_x_api_key_is_taken_and_not_forwarded(gateway) -> None:  # type: ignore[no-untyped-def]
+    # Anthropic's clients send the key as x-api-key; it must not reach the engine either way.
+    chat = {"model": "m", **CHAT}
+    with httpx.Client(base_url=gateway.url, timeout=30) as c:
+        assert c.post("/v1/chat/completions", json=chat, headers={"x-api-key": TEST_KEY}).status_code == 200
+        both = {"Authorization": f"Bearer {TEST_KEY}", "x-api-key": "secret-for-someone-else"}
+        assert c.post("/v1/chat/completions", json=chat, headers=both).status_code == 200
+    stats = httpx.get(f"http://127.0.0.1:{engine_port(gateway)}/stats").json()
+    assert stats["x_api_keys"] == []
 
 
 @pytest.fixture

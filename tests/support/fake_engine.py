@@ -45,11 +45,14 @@ class Engine:
         self.cancelled = 0
         self.completed_streams = 0
         self.auth_headers: list[str] = []
+        self.x_api_keys: list[str] = []
         self.started = time.time()
 
     def check_auth(self, request: web.Request) -> web.Response | None:
         header = request.headers.get("Authorization", "")
         self.auth_headers.append(header)
+        if "x-api-key" in request.headers:
+            self.x_api_keys.append(request.headers["x-api-key"])
         if self.key and header != f"Bearer {self.key}":
             return error_response(401, "Unauthorized", "invalid_request_error")
         return None
@@ -70,6 +73,7 @@ class Engine:
                 "cancelled": self.cancelled,
                 "completed_streams": self.completed_streams,
                 "auth_headers": self.auth_headers,
+                "x_api_keys": self.x_api_keys,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "env_gateway_auth": os.environ.get("VLLM_GATEWAY_AUTH"),
                 "argv": sys.argv,

@@ -151,7 +151,9 @@ class GatewayApp:
             self._public_prefix is not None and path.startswith(self._public_prefix)
         ):
             return True
-        return self.keys.allows(_header(scope, b"authorization"))
+        return self.keys.allows(_header(scope, b"authorization")) or self.keys.allows_key(
+            _header(scope, b"x-api-key")
+        )
 
     async def _control(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The gateway's own routes, with their (small) bodies read within a limit first."""

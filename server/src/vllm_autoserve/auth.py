@@ -1,4 +1,5 @@
-"""The gateway's API keys: ``Authorization: Bearer <key>``, compared in constant time."""
+"""The gateway's API keys: ``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, which
+Anthropic's clients send), compared in constant time."""
 
 from __future__ import annotations
 
@@ -30,8 +31,16 @@ class ApiKeys:
         if not authorization:
             return False
         scheme, _, token = authorization.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
+        if scheme.lower() != b"bearer":
+            return False
+        return self.allows_key(token)
+
+    def allows_key(self, token: bytes | None) -> bool:
+        """The key itself, as ``x-api-key`` carries it."""
+        if self.open:
+            return True
+        token = (token or b"").strip()
+        if not token:
             return False
         # Compare against every key, whatever matches first, so timing says nothing.
         matched = False

@@ -40,8 +40,14 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# ... plus those the gateway sets itself.
-_REQUEST_DROP = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"expect"}
+# ... plus those the gateway sets itself, and its own key in either header.
+_REQUEST_DROP = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"authorization",
+    b"x-api-key",
+    b"expect",
+}
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _PLAIN_CONNECTION = frozenset({b",keep-alive", b",close"})  # name no other header
