@@ -305,6 +305,20 @@ def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
         assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
 
 
+def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
+    cfg = "[gateway]\nlocal_gpus = 1\nhold_seconds = 1\n"
+    cfg += fake_model("a", extra="gpu = 1") + fake_model("b", extra="gpu = 1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        pinned = c.post("/up", json={"model_path": "a", "min_containers": 1, "wait": 10}).json()
+        assert pinned["status"] == "healthy" and pinned["pinned"]
+        refused = c.post("/v1/chat/completions", json={"model": "b", **CHAT})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
+        assert gw.status()["a"]["state"] == "healthy"
+        c.post("/up", json={"model_path": "a", "min_containers": 0})
+        assert c.post("/up", json={"model_path": "b", "wait": 10}).json()["status"] == "healthy"
+        assert gw.status()["a"]["state"] == "cold"
+
+
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "VLLM_GATEWAY_AUTH"}
     full_env.update(env or {})

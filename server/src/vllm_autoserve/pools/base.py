@@ -341,6 +341,8 @@ class Pool(ABC):
         """Keep ``count`` engines warm whatever the traffic (0 unpins). Locally one engine
         is all a pool has: pinned, it is never stopped for being idle, only by ``/down``."""
         self._pinned = count > 0
+        if not self._pinned and self._in_flight == 0 and self.on_idle is not None:
+            self.on_idle()  # a start waiting for GPUs may take this engine's now
 
     def idle_due(self, now: float) -> bool:
         return (

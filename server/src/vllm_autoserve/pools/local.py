@@ -145,7 +145,12 @@ class LocalPool(Pool):
     # -- GpuHolder ------------------------------------------------------------------------
 
     def evictable_since(self) -> float | None:
-        if self._state is PoolState.HEALTHY and self._in_flight == 0 and self._gpus():
+        if (
+            self._state is PoolState.HEALTHY
+            and self._in_flight == 0
+            and not self._pinned  # kept warm until /down, for other models' starts too
+            and self._gpus()
+        ):
             return self.last_active
         return None
 
