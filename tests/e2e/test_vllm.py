@@ -82,6 +82,24 @@ def test_a_redirect_from_vllm_names_the_gateway_not_the_engine(vllm_gateway: Gat
     assert response.headers["location"] == "/v1/chat/completions"
 
 
+def test_tokenize_and_anthropic_messages_reach_vllm(vllm_gateway: Gateway) -> None:
+    """vLLM's routes outside ``/v1/`` (``/tokenize``...) and ``/v1/messages`` go through."""
+    with vllm_gateway.client(timeout=400) as c:
+        assert c.post("/up", json={"model_path": "tiny", "wait": 300}).json()["status"] == "healthy"
+        tokens = c.post("/tokenize", json={"model": "tiny", "prompt": "Hello there"})
+        assert tokens.status_code == 200, tokens.text
+        assert tokens.json()["count"] == len(tokens.json()["tokens"]) > 0
+        text = c.post("/detokenize", json={"model": "tiny-a", "tokens": tokens.json()["tokens"]})
+        assert text.status_code == 200 and "Hello" in text.json()["prompt"]
+        messages = c.post(
+            "/v1/messages",
+            json={"model": "tiny-a", "max_tokens": 4, "messages": MESSAGES},
+            headers={"x-api-key": vllm_gateway.api_key, "anthropic-version": "2023-06-01"},
+        )
+        assert messages.status_code == 200, messages.text
+        assert messages.json()["type"] == "message"
+
+
 def test_vllm_own_400_passes_through_unchanged(vllm_gateway: Gateway) -> None:
     sdk = openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key,
                         max_retries=0)

@@ -38,6 +38,7 @@ PROTECTED = [
     ("POST", "/v1/completions", {"model": "m", "prompt": "x"}),
     ("POST", "/v1/embeddings", {"model": "m", "input": "x"}),
     ("POST", "/v1/responses", {"model": "m", "input": "x"}),
+    ("POST", "/tokenize", {"model": "m", "prompt": "x"}),
     ("GET", "/nonexistent", None),
 ]
 BAD_AUTH = [
@@ -141,10 +142,11 @@ def test_bad_up_and_down_bodies(gateway) -> None:  # type: ignore[no-untyped-def
 def test_inference_routes_take_post_only(gateway) -> None:  # type: ignore[no-untyped-def]
     with gateway.client() as c:
         for method in ("GET", "PUT", "DELETE"):
-            response = c.request(method, "/v1/chat/completions", json={"model": "m", **CHAT})
-            assert response.status_code == 405, (method, response.text)
-            assert response.json()["error"]["code"] == "method_not_allowed"
-            assert response.headers["allow"] == "POST"
+            for path in ("/v1/chat/completions", "/tokenize"):
+                response = c.request(method, path, json={"model": "m", **CHAT})
+                assert response.status_code == 405, (method, path, response.text)
+                assert response.json()["error"]["code"] == "method_not_allowed"
+                assert response.headers["allow"] == "POST"
         assert c.post("/health").status_code == 405
         assert c.get("/health").status_code == 200 and c.head("/health").status_code == 200
         assert gateway.status()["m"]["state"] == "cold"  # nothing was started for them

@@ -42,20 +42,23 @@ from .proxy import Forwarded, Proxy
 log = logging.getLogger("vllm_autoserve.app")
 
 _CONTROL_PATHS = frozenset({"/v1/up", "/v1/down", "/v1/status", "/v1/models"})
-_KNOWN_ROUTES = frozenset(
+# vLLM's model routes outside /v1/ (every /v1/ route but the gateway's own is passed through).
+_ROOT_ROUTES = frozenset(
+    {"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank", "/v2/rerank"}
+)
+# vLLM's inference routes (POST only), each its own label in metrics and the access log.
+_KNOWN_ROUTES = _ROOT_ROUTES | frozenset(
     {
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
         "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/rerank",
         "/v1/score",
         "/v1/audio/transcriptions",
         "/v1/audio/translations",
-        "/v1/tokenize",
-        "/v1/detokenize",
-        "/v1/classify",
-        "/v1/pooling",
     }
 )
 _CONTROL_BODY_LIMIT = 64 * 1024
@@ -112,7 +115,7 @@ class GatewayApp:
             path.startswith("/v1/")
             and path not in _CONTROL_PATHS
             and not path.startswith("/v1/models/")
-        ):
+        ) or path in _ROOT_ROUTES:
             await self._pass_through(scope, receive, send)  # checks the key itself
             return
         if not self._allowed(scope, path):
