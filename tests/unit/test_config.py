@@ -83,6 +83,11 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"gateway": {"cors_origins": ["https://chat.example.com/"]}},
          "gateway.cors_origins: 'https://chat.example.com/' is not an origin"),
         ({"gateway": {"cors_origins": ["chat.example.com"]}}, "is not an origin"),
+        ({"models": {"a": {"aliases": ["x"]}, "b": {"lora_modules": {"x": "/l"}}}},
+         """models."b".lora_modules: 'x' is already used by models."a".aliases"""),
+        ({"models": {"a": {"lora_modules": {"x=y": "/l"}}}}, "must not contain '='"),
+        ({"models": {"a": {"lora_modules": {"x": " "}}}}, "is not a repo id or path"),
+        ({"defaults": {"lora_modules": {"x": "/l"}}}, "defaults.lora_modules: unknown key"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:
@@ -121,6 +126,12 @@ def test_valid_repo_ids(name: str) -> None:
 def test_invalid_repo_ids(name: str) -> None:
     with pytest.raises(InvalidModelName):
         check_model_name(name)
+
+
+def test_an_adapter_resolves_to_its_model_and_keeps_its_name() -> None:
+    config = parse_config({"models": {"base": {"aliases": ["b"], "lora_modules": {"sql": "/l"}}}})
+    assert config.resolve("sql") == config.resolve("b") == "base"
+    assert config.is_adapter("sql") and not config.is_adapter("b")
 
 
 def test_unlisted_models_refused_when_not_allowed() -> None:

@@ -244,7 +244,7 @@ class GatewayApp:
                 # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
                 headers = _with_json_content_type(headers)
             model = self.pools.resolve(requested)
-            if model != requested:
+            if model != requested and not self.config.is_adapter(requested):
                 body = with_model(body, model, form_value)
             pool = self.pools.get(model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)

@@ -122,6 +122,10 @@ class ModelConfig(ModelSettings):
 
     aliases: list[str] = []
     """Other names clients may use for this model."""
+    lora_modules: dict[str, str] = {}
+    """LoRA adapters the engine serves, ``{name = "repo id or path"}``: vLLM gets
+    ``--enable-lora --lora-modules name=path``, and requests naming an adapter go to this
+    model's engine with the adapter's name (a ``command`` or ``url`` upstream must know it)."""
     command: list[str] | None = None
     """Launch this instead of vLLM; ``{port}``, ``{model}`` and ``{host}`` are filled in."""
     url: str | None = None
@@ -134,6 +138,16 @@ class ModelConfig(ModelSettings):
     def _header_safe(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[\x21-\x7e]+", value):
             raise ValueError("'api_key' must be printable ASCII without spaces")
+        return value
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _adapter_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if "=" in name:
+                raise ValueError(f"adapter name {name!r} must not contain '='")
+            if not path.strip() or _CONTROL.search(path):
+                raise ValueError(f"adapter {name!r}: {path!r} is not a repo id or path")
         return value
 
     @model_validator(mode="after")
@@ -167,6 +181,12 @@ class Config(_Strict):
                 if alias in seen:
                     raise ValueError(f"{where}: {alias!r} is already used by {seen[alias]}")
                 seen[alias] = where
+            where = f'models."{name}".lora_modules'
+            for adapter in model.lora_modules:
+                _check_configured_name(adapter)
+                if adapter in seen:
+                    raise ValueError(f"{where}: {adapter!r} is already used by {seen[adapter]}")
+                seen[adapter] = where
         return self
 
     # -- lookups -----------------------------------------------------------------------
@@ -183,7 +203,7 @@ class Config(_Strict):
         if requested in self.models:
             return requested
         for name, model in self.models.items():
-            if requested in model.aliases:
+            if requested in model.aliases or requested in model.lora_modules:
                 return name
         check_model_name(requested)
         if not self.gateway.allow_unlisted:
@@ -207,6 +227,10 @@ class Config(_Strict):
         merged["env"] = {**(self.defaults.env or {}), **(own.env or {})}
         merged["vllm_args"] = [*(self.defaults.vllm_args or []), *(own.vllm_args or [])]
         return ModelConfig.model_validate(merged)
+
+    def is_adapter(self, requested: str) -> bool:
+        """Whether a name is a LoRA adapter's: it goes upstream as it is, not as its model's."""
+        return any(requested in model.lora_modules for model in self.models.values())
 
     def aliases_of(self, name: str) -> list[str]:
         model = self.models.get(name)

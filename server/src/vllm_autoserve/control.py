@@ -118,14 +118,17 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         return {"pools": [s.as_json() for s in pools.statuses()]}
 
     def model_entry(entry: ModelEntry, states: dict[str, PoolState]) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "id": entry.id,
             "object": "model",
             "created": entry.created,
             "owned_by": "vllm-autoserve",
             "root": entry.root,
-            "state": states.get(entry.root, PoolState.COLD).value,
         }
+        if entry.parent is not None:
+            fields["parent"] = entry.parent
+        fields["state"] = states.get(entry.pool, PoolState.COLD).value
+        return fields
 
     def pool_states() -> dict[str, PoolState]:
         return {s.model: s.state for s in pools.statuses()}

@@ -45,6 +45,7 @@ def vllm_command(
     host: str,
     port: int,
     tensor_parallel_size: int | None = None,
+    lora_modules: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """vLLM's OpenAI server for ``model`` (the module form works for GPU and CPU builds)."""
@@ -52,6 +53,9 @@ def vllm_command(
     argv += ["--served-model-name", *served_names, "--host", host, "--port", str(port)]
     if tensor_parallel_size:
         argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    if lora_modules:
+        argv += ["--enable-lora", "--lora-modules"]
+        argv += [f"{name}={path}" for name, path in lora_modules.items()]
     return argv + list(extra_args)
 
 

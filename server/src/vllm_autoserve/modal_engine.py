@@ -57,6 +57,7 @@ def engine_argv(
         host="0.0.0.0",  # Modal reaches the web server on the container's external interface
         port=port,
         tensor_parallel_size=tensor_parallel if tensor_parallel > 1 else None,
+        lora_modules=settings.lora_modules,
         extra_args=extra,
     )
     env = {**(SLEEP_MODE_ENV if sleep_mode else {}), **(settings.env or {})}

@@ -88,6 +88,7 @@ class LocalPool(Pool):
             host=ENGINE_HOST,
             port=port,
             tensor_parallel_size=settings.tensor_parallel_size,
+            lora_modules=settings.lora_modules,
             extra_args=extra_args,
         )
         return prefix + argv, extra_env

@@ -89,6 +89,10 @@ class Pools(ABC):
             entries.extend(
                 ModelEntry(id=a, root=name, created=self._created) for a in model.aliases
             )
+            entries.extend(
+                ModelEntry(id=adapter, root=path, created=self._created, parent=name)
+                for adapter, path in model.lora_modules.items()
+            )
         for name, pool in self._pools.items():
             if name not in self.config.models and pool.state is not PoolState.COLD:
                 entries.append(ModelEntry(id=name, root=name, created=self._created))

@@ -74,3 +74,10 @@ class ModelEntry:
     id: str
     root: str
     created: int
+    parent: str | None = None
+    """The model a LoRA adapter runs on (its ``root`` is the adapter's repo id or path)."""
+
+    @property
+    def pool(self) -> str:
+        """The pool whose state this entry shows."""
+        return self.parent or self.root
