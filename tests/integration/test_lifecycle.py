@@ -173,3 +173,15 @@ def test_up_with_min_containers_pins_the_engine_against_idle_stops_until_down() 
         wait_for(lambda: gw.status()["warm"]["state"] == "cold", timeout=10)
         bad = c.post("/up", json={"model_path": "warm", "min_containers": -1})
         assert bad.status_code == 400
+
+
+def test_min_containers_in_the_file_starts_the_engine_with_the_gateway_and_keeps_it() -> None:
+    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model("warm", extra="min_containers = 1")
+    cfg += fake_model("other")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        wait_for(lambda: gw.status()["warm"]["state"] == "healthy", timeout=10)
+        assert gw.status()["warm"]["pinned"] and gw.status()["other"]["state"] == "cold"
+        time.sleep(1.5)  # three idle periods without a request
+        assert gw.status()["warm"]["state"] == "healthy"
+        c.post("/down", json={"model_path": "warm"})
+        assert gw.status()["warm"]["state"] == "cold"

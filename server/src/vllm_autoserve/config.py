@@ -97,9 +97,10 @@ class ModelSettings(_Strict):
     """Overrides ``[gateway] idle_seconds`` for this model."""
     engine_python: str | None = None
     """Python interpreter that has vLLM installed (local backend)."""
-    # Modal backend
     min_containers: Annotated[int, Field(ge=0)] | None = None
-    """Modal: engine containers kept warm even when idle (costs money while idle)."""
+    """Engines kept warm even when idle: on Modal, containers (paid while idle); locally, 1 or
+    more starts the engine with the gateway and keeps it until ``/down``."""
+    # Modal backend
     max_containers: Annotated[int, Field(ge=1)] | None = None
     """Modal: upper bound of the model's autoscaled pool."""
     max_inputs: Annotated[int, Field(ge=1)] | None = None

@@ -178,5 +178,15 @@ class LocalPools(Pools):
             neighbours=self._local_pools,
         )
 
+    async def start(self) -> None:
+        """Also start every model with ``min_containers``, pinned: kept until ``/down``."""
+        await super().start()
+        for name in self.config.models:
+            settings = self.config.model(name)
+            if settings.min_containers and settings.url is None:
+                pool = self.get(name)
+                await pool.pin(settings.min_containers)
+                await pool.up(0)
+
     def _local_pools(self) -> list[GpuHolder]:
         return [pool for pool in self._pools.values() if isinstance(pool, LocalPool)]
