@@ -59,8 +59,12 @@ def test_cold_start_through_the_client_then_chat_stream_and_completions(
 
 def test_models_are_listed_through_the_gateway(vllm_gateway: Gateway) -> None:
     sdk = openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key)
-    ids = {m.id for m in sdk.models.list()}
-    assert {"tiny-a", "tiny", "tiny-b"} <= ids
+    models = {m.id: m for m in sdk.models.list()}
+    assert {"tiny-a", "tiny", "tiny-b"} <= set(models)
+    # As vLLM lists it, for clients that size prompts by it (tiny-a is up since the first test).
+    lengths = {name: (models[name].model_extra or {}).get("max_model_len") for name in models}
+    assert isinstance(lengths["tiny-a"], int) and lengths["tiny-a"] > 0
+    assert lengths["tiny"] == lengths["tiny-a"]
 
 
 def test_json_sent_the_way_curl_d_sends_it_is_answered_by_vllm(vllm_gateway: Gateway) -> None:

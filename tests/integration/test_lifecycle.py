@@ -185,3 +185,16 @@ def test_min_containers_in_the_file_starts_the_engine_with_the_gateway_and_keeps
         assert gw.status()["warm"]["state"] == "healthy"
         c.post("/down", json={"model_path": "warm"})
         assert gw.status()["warm"]["state"] == "cold"
+
+
+def test_the_model_list_says_max_model_len_once_the_engine_has_said_it() -> None:
+    cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model(
+        "m", "--max-model-len", "3072", extra='aliases = ["m-alias"]'
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert "max_model_len" not in c.get("/v1/models/m").json()  # never started: unknown
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
+        listed = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+        assert listed["m"]["max_model_len"] == listed["m-alias"]["max_model_len"] == 3072
+        wait_for(lambda: gw.status()["m"]["state"] == "cold", timeout=10)
+        assert c.get("/v1/models/m-alias").json()["max_model_len"] == 3072  # kept while cold

@@ -88,7 +88,13 @@ class Engine:
             {
                 "object": "list",
                 "data": [
-                    {"id": self.args.model, "object": "model", "created": 0, "owned_by": "fake"}
+                    {
+                        "id": self.args.model,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "fake",
+                        "max_model_len": self.args.max_model_len,
+                    }
                 ],
             }
         )
@@ -242,6 +248,7 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=0)
     parser.add_argument("--die-mid-stream", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument(
         "--garbage", action="store_true", help="answer with bytes that are not HTTP"

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import metrics
 from .config import Config
+from .engine_models import EngineModels
 from .errors import (
     BadRequest,
     GatewayError,
@@ -117,6 +118,8 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         """Every known pool."""
         return {"pools": [s.as_json() for s in pools.statuses()]}
 
+    engine_models = EngineModels(pools)
+
     def model_entry(entry: ModelEntry, states: dict[str, PoolState]) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "id": entry.id,
@@ -127,6 +130,9 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         }
         if entry.parent is not None:
             fields["parent"] = entry.parent
+        length = engine_models.max_model_len(entry.id, entry.pool)
+        if length is not None:
+            fields["max_model_len"] = length
         fields["state"] = states.get(entry.pool, PoolState.COLD).value
         return fields
 
@@ -136,11 +142,13 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         """OpenAI's model list: configured models and aliases, plus running ones."""
+        await engine_models.refresh()
         states = pool_states()
         return {"object": "list", "data": [model_entry(e, states) for e in pools.listing()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
+        await engine_models.refresh()
         for entry in pools.listing():
             if entry.id == model_id:
                 return model_entry(entry, pool_states())

@@ -111,6 +111,11 @@ class Pool(ABC):
     def state(self) -> PoolState:
         return self._state
 
+    @property
+    def upstream(self) -> Upstream | None:
+        """Where requests go while healthy."""
+        return self._upstream
+
     def _move(self, new: PoolState, *, reason: str, error: str | None = None) -> None:
         old = self._state
         if new not in _ALLOWED[old]:

@@ -13,7 +13,7 @@ import aiohttp
 from .. import metrics
 from ..config import Config, ModelConfig
 from .base import Pool
-from .status import ModelEntry, PoolState, PoolStatus
+from .status import ModelEntry, PoolState, PoolStatus, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
 
@@ -80,6 +80,13 @@ class Pools(ABC):
 
     def _create_backend_name(self, name: str) -> str:
         return "static" if self.config.model(name).url else "local"
+
+    def healthy_upstreams(self) -> list[tuple[str, Upstream]]:
+        return [
+            (name, pool.upstream)
+            for name, pool in self._pools.items()
+            if pool.state is PoolState.HEALTHY and pool.upstream is not None
+        ]
 
     def listing(self) -> list[ModelEntry]:
         """Configured models, their aliases, and any other model that is running."""

@@ -1,0 +1,71 @@
+"""What engines say of the models they serve (vLLM's ``max_model_len``), for ``/v1/models``.
+
+Clients size their prompts by ``max_model_len`` from vLLM's model list. The gateway answers
+that list itself, cold models included, so it asks each engine once after it turns healthy
+and keeps the answer for the engine's later cold spells too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+
+from .pools.registry import Pools
+from .pools.status import Upstream
+
+log = logging.getLogger("vllm_autoserve.engine_models")
+
+_ASK_SECONDS = 2.0  # a model list is instant; an engine that is slow to give it is skipped
+
+
+class EngineModels:
+    def __init__(self, pools: Pools) -> None:
+        self._pools = pools
+        self._asked: dict[str, Upstream] = {}  # pool → the upstream last asked
+        self._lengths: dict[str, int] = {}  # model id (as the engine lists it) → max_model_len
+
+    async def refresh(self) -> None:
+        """Ask every healthy engine not asked since it started, all at once."""
+        due = [
+            (name, upstream)
+            for name, upstream in self._pools.healthy_upstreams()
+            if self._asked.get(name) is not upstream
+        ]
+        for name, upstream in due:
+            self._asked[name] = upstream  # asked once, answered or not
+        await asyncio.gather(*(self._ask(name, upstream) for name, upstream in due))
+
+    def max_model_len(self, model_id: str, pool: str) -> int | None:
+        """As the engine listed the name; else as it listed its model (a ``url`` upstream
+        does not know the gateway's aliases)."""
+        return self._lengths.get(model_id) or self._lengths.get(pool)
+
+    async def _ask(self, name: str, upstream: Upstream) -> None:
+        headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+        try:
+            async with self._pools.session().get(
+                upstream.url + "/v1/models",
+                params=dict(upstream.params),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=_ASK_SECONDS),
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    return
+                listing: Any = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.debug("[%s] no model list from the engine: %r", name, exc)
+            return
+        # Only the names routed to this engine: a shared upstream may list many more.
+        config = self._pools.config
+        ours = {name, *config.aliases_of(name), *config.model(name).lora_modules}
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            model_id, length = entry.get("id"), entry.get("max_model_len")
+            if model_id in ours and type(length) is int and length > 0:
+                self._lengths[model_id] = length
