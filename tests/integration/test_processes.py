@@ -305,6 +305,16 @@ def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
         assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
 
 
+def test_max_engines_stops_the_least_recently_used_idle_engine_without_gpus() -> None:
+    cfg = "[gateway]\nlocal_gpus = 0\nmax_engines = 2\n"
+    cfg += fake_model("a") + fake_model("b") + fake_model("c")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        for name in ("a", "b", "a", "c"):
+            assert c.post("/v1/chat/completions", json={"model": name, **CHAT}).status_code == 200
+        states = {name: gw.status()[name]["state"] for name in "abc"}
+        assert states == {"a": "healthy", "b": "cold", "c": "healthy"}
+
+
 def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
     cfg = "[gateway]\nlocal_gpus = 1\nhold_seconds = 1\n"
     cfg += fake_model("a", extra="gpu = 1") + fake_model("b", extra="gpu = 1")

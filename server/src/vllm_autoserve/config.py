@@ -59,6 +59,9 @@ class GatewaySettings(_Strict):
     On Modal, Modal's own front takes the requests."""
     local_gpus: Annotated[int, Field(ge=0)] | None = None
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
+    max_engines: Annotated[int, Field(ge=1)] | None = None
+    """Local engines running or starting at once; when full, an idle one is stopped to make
+    room (least recently used first), else the start waits. Unset: as many as GPUs allow."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
     """Routes answered without a key (``/health`` always is)."""
     cors_origins: list[str] = []

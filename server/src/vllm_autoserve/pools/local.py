@@ -16,8 +16,8 @@ from ..config import Config, ModelConfig
 from ..engine import EngineFailed, EngineProcess, engine_environment, fill_placeholders, free_port
 from ..engine import vllm_command as build_vllm_command
 from .base import Pool, PoolState, Upstream
-from .gpus import GpuHolder, GpuSlots, detect_gpus, gpu_count
 from .registry import Pools
+from .slots import EngineSlots, SlotHolder, detect_gpus, gpu_count
 from .static import StaticPool
 
 ENGINE_HOST = "127.0.0.1"
@@ -51,16 +51,16 @@ class LocalPool(Pool):
         config: Config,
         *,
         session: Callable[[], aiohttp.ClientSession],
-        gpus: GpuSlots,
-        neighbours: Callable[[], list[GpuHolder]],
+        slots: EngineSlots,
+        neighbours: Callable[[], list[SlotHolder]],
     ) -> None:
         super().__init__(name, settings, config)
         self._session = session
-        self._gpus_slots = gpus
+        self._slots = slots
         self._neighbours = neighbours
         self._engine: EngineProcess | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.on_idle = gpus.wake
+        self.on_idle = slots.wake
 
     # -- launch ---------------------------------------------------------------------------
 
@@ -97,12 +97,12 @@ class LocalPool(Pool):
         if self._watcher is not None:  # the clean-up after an engine that died
             await asyncio.wait({self._watcher})  # however it ends; this task stays cancellable
         count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
-        devices = await self._gpus_slots.acquire(self.name, count, self._neighbours)
+        devices = await self._slots.acquire(self.name, count, self._neighbours)
         port = free_port(ENGINE_HOST)
         api_key = secrets.token_urlsafe(24)
         argv, extra_env = self._argv(port)
         env = engine_environment({**extra_env, **(self.settings.env or {})}, api_key)
-        if self._gpus_slots.enabled:
+        if self._slots.enabled:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         engine = EngineProcess(
             self.name,
@@ -124,7 +124,7 @@ class LocalPool(Pool):
             # leftover children may take a few seconds to go, and a restart waits for them.
             self._engine_died(str(engine.failure(f"engine exited with code {code}")))
             await engine.stop()
-            self._gpus_slots.release(self.name)
+            self._slots.release(self.name)
 
     async def _terminate(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -135,22 +135,22 @@ class LocalPool(Pool):
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.stop()
-        self._gpus_slots.release(self.name)
+        self._slots.release(self.name)
 
     def _log_tail(self) -> str:
         return self._engine.log_tail() if self._engine else ""
 
     def _gpus(self) -> list[int]:
-        return self._gpus_slots.held_by(self.name)
+        return self._slots.held_by(self.name)
 
-    # -- GpuHolder ------------------------------------------------------------------------
+    # -- SlotHolder -----------------------------------------------------------------------
 
     def evictable_since(self) -> float | None:
         if (
             self._state is PoolState.HEALTHY
             and self._in_flight == 0
             and not self._pinned  # kept warm until /down, for other models' starts too
-            and self._gpus()
+            and self._slots.holds(self.name)
         ):
             return self.last_active
         return None
@@ -164,7 +164,9 @@ class LocalPools(Pools):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.gpus = GpuSlots(detect_gpus(config.gateway.local_gpus))
+        self.slots = EngineSlots(
+            detect_gpus(config.gateway.local_gpus), config.gateway.max_engines
+        )
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:
@@ -174,7 +176,7 @@ class LocalPools(Pools):
             settings,
             self.config,
             session=self.session,
-            gpus=self.gpus,
+            slots=self.slots,
             neighbours=self._local_pools,
         )
 
@@ -188,5 +190,5 @@ class LocalPools(Pools):
                 await pool.pin(settings.min_containers)
                 await pool.up(0)
 
-    def _local_pools(self) -> list[GpuHolder]:
+    def _local_pools(self) -> list[SlotHolder]:
         return [pool for pool in self._pools.values() if isinstance(pool, LocalPool)]

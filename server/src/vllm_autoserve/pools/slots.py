@@ -1,8 +1,10 @@
-"""Local GPU slots: which device indices each engine holds (``CUDA_VISIBLE_DEVICES``).
+"""Local engine slots: how many engines may run at once (``[gateway] max_engines``), and
+which GPU indices each holds (``CUDA_VISIBLE_DEVICES``).
 
-A model needing N GPUs takes N free indices. When too few are free, idle engines (healthy,
-no request in flight) are stopped least-recently-used first; if none is idle the start waits
-until GPUs are released (the held request gets its 503 at the hold deadline meanwhile).
+A model needing N GPUs takes N free indices, and a slot when engines are counted. When too
+few are free, idle engines (healthy, no request in flight, not pinned) are stopped
+least-recently-used first; if none is idle the start waits until one is released (the held
+request gets its 503 at the hold deadline meanwhile).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from ..engine import EngineFailed
 _RESCAN_SECONDS = 1.0
 
 
-class GpuHolder(Protocol):
+class SlotHolder(Protocol):
     name: str
 
     def evictable_since(self) -> float | None:
-        """Monotonic time of last activity if idle and holding GPUs, else None."""
+        """Monotonic time of last activity if idle and holding a slot, else None."""
 
     def evict(self) -> Awaitable[object]:
-        """Stop the engine, releasing its GPUs."""
+        """Stop the engine, releasing its slot and GPUs."""
 
 
 def detect_gpus(configured: int | None) -> list[int]:
@@ -63,28 +65,39 @@ def gpu_count(gpu: str | int | None, tensor_parallel_size: int | None) -> int:
     return tensor_parallel_size or 1
 
 
-class GpuSlots:
-    def __init__(self, devices: Sequence[int]) -> None:
+class EngineSlots:
+    def __init__(self, devices: Sequence[int], max_engines: int | None = None) -> None:
         self.devices = list(devices)
-        self._held: dict[str, list[int]] = {}
+        self.max_engines = max_engines
+        self._held: dict[str, list[int]] = {}  # engine → its GPUs (none on a host without)
         self._released = asyncio.Event()
 
     @property
     def enabled(self) -> bool:
+        """Whether GPUs are handed out (``CUDA_VISIBLE_DEVICES`` is set for engines)."""
         return bool(self.devices)
 
     def held_by(self, name: str) -> list[int]:
         return list(self._held.get(name, []))
 
+    def holds(self, name: str) -> bool:
+        return name in self._held
+
     def _free(self) -> list[int]:
         taken = {d for devices in self._held.values() for d in devices}
         return [d for d in self.devices if d not in taken]
 
+    def _room(self) -> bool:
+        return self.max_engines is None or len(self._held) < self.max_engines
+
     async def acquire(
-        self, name: str, count: int, holders: Callable[[], Sequence[GpuHolder]]
+        self, name: str, count: int, holders: Callable[[], Sequence[SlotHolder]]
     ) -> list[int]:
-        """Take ``count`` devices for ``name``, evicting idle engines or waiting if needed."""
-        if not self.enabled or count == 0:
+        """Take a slot and ``count`` devices for ``name``, evicting idle engines or waiting
+        if needed."""
+        if not self.enabled:
+            count = 0  # a host without GPUs runs engines on none
+        if count == 0 and self.max_engines is None:
             return []
         if count > len(self.devices):
             raise EngineFailed(
@@ -93,7 +106,7 @@ class GpuSlots:
             )
         while True:
             free = self._free()
-            if len(free) >= count:
+            if len(free) >= count and self._room():
                 self._held[name] = free[:count]
                 return free[:count]
             idle = [
