@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.fake_engine import FAKE_ENGINE
-from tests.support.gateway import fake_model, free_port, running_gateway
+from tests.support.gateway import Gateway, fake_model, free_port, running_gateway
 from tests.support.waiting import alive, engine_port, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -303,6 +304,51 @@ def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:
         assert status["c"]["gpus"] == [1 - status["a"]["gpus"][0]]
         big = c.post("/up", json={"model_path": "big", "wait": 5}).json()
         assert big["status"] == "failed" and "needs 3 GPUs" in big["error"]
+
+
+class _Squatter(http.server.BaseHTTPRequestHandler):
+    """Answers 200 to everything, as any server on the host could, and notes what it got."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    def _answer(self) -> None:
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _engine_port_or_none(gateway: Gateway) -> int | None:
+    try:
+        return engine_port(gateway)
+    except AssertionError:
+        return None
+
+
+def test_a_process_that_takes_the_engine_port_first_gets_no_request_and_no_key() -> None:
+    cfg = "[gateway]\nhold_seconds = 2\n" + fake_model("slow", "--startup-delay", "8")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        c.post("/up", json={"model_path": "slow"})
+        port = wait_for(lambda: _engine_port_or_none(gw), timeout=10)
+        squatter = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Squatter)
+        threading.Thread(target=squatter.serve_forever, daemon=True).start()
+        try:
+            time.sleep(0.5)  # the gateway's health checks reach the squatter
+            chat = c.post("/v1/chat/completions", json={"model": "slow", **CHAT})
+            assert chat.status_code == 503, chat.text
+            assert gw.status()["slow"]["state"] != "healthy"
+        finally:
+            squatter.shutdown()
+            squatter.server_close()
+    assert {path for path, _ in _Squatter.seen} == {"/health"}
+    assert all(auth is None for _, auth in _Squatter.seen)
+    assert "from a process that is not the engine's" in gw.log()
 
 
 def test_max_engines_stops_the_least_recently_used_idle_engine_without_gpus() -> None:

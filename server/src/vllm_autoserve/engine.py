@@ -18,6 +18,7 @@ import socket
 import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -173,21 +174,68 @@ class EngineProcess:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
         tail = "\n".join(list(self._lines)[-lines:]).rstrip()  # (the guard's last line break)
-        return tail[-chars:]
+        if len(tail) > chars:  # whole lines only
+            tail = tail[-chars:].partition("\n")[2] or tail[-chars:]
+        return tail
 
     def failure(self, what: str) -> EngineFailed:
         tail = self.log_tail()
         return EngineFailed(f"[{self.name}] {what}" + (f"\n{tail}" if tail else ""))
 
     async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
-        """Return once ``/health`` answers 200; raise ``EngineFailed`` if the engine exits."""
+        """Return once ``/health`` answers 200 from the engine; raise ``EngineFailed`` if the
+        engine exits.
+
+        An engine binds its port only when it has loaded its model, and any process on the
+        host may bind it first: a 200 counts only if the port is the engine's own, or else
+        that process would get the requests, and the engine's key with them.
+        """
         assert self._exited is not None
+        warned = False
         while True:
             if self._exited.done():
                 raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
             if await self._health_ok(session):
-                return
+                if await asyncio.to_thread(self._owns_port) is not False:
+                    return
+                if not warned:
+                    log.warning(
+                        "[%s] %s answers, but from a process that is not the engine's",
+                        self.name,
+                        self.health_url,
+                    )
+                    warned = True
             await asyncio.wait({self._exited}, timeout=_HEALTH_INTERVAL)
+
+    def _owns_port(self) -> bool | None:
+        """Whether a process of the engine's group listens on its port; None if this
+        machine will not say (no ``psutil``, or not allowed to look)."""
+        port = urlsplit(self.health_url).port
+        if self._proc is None or port is None:
+            return None
+        try:
+            import psutil
+        except ImportError:
+            return None
+        try:
+            root = psutil.Process(self._proc.pid)
+            group = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            return None
+        for process in group:
+            try:
+                sockets = process.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            except psutil.AccessDenied:
+                return None
+            if any(
+                s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets
+            ):
+                return True
+        return False
 
     async def _health_ok(self, session: aiohttp.ClientSession) -> bool:
         try:

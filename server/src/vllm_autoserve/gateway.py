@@ -62,6 +62,7 @@ GATEWAY_PACKAGES = [  # the gateway's dependencies, pinned as in uv.lock
     "orjson==3.13.0",
     "pydantic==2.14.4",
     "prometheus-client==0.26.0",
+    "psutil==7.2.2",
 ]
 
 # ## Configuration: read at deploy time, shipped with the app
