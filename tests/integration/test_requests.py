@@ -152,6 +152,14 @@ def test_inference_routes_take_post_only(gateway) -> None:  # type: ignore[no-un
         assert gateway.status()["m"]["state"] == "cold"  # nothing was started for them
 
 
+def test_a_client_default_model_name_is_a_quick_404_and_starts_nothing(gateway) -> None:  # type: ignore[no-untyped-def]
+    # What SDKs and tools send when nobody set a model: not a model to start.
+    sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key)
+    with pytest.raises(openai.NotFoundError, match="full Hugging Face repo id"):
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"])  # type: ignore[arg-type]
+    assert "gpt-4o-mini" not in gateway.status()
+
+
 def test_unlisted_model_is_404_when_only_listed_models_are_allowed() -> None:
     cfg = "[gateway]\nallow_unlisted = false\n" + fake_model("m")
     with running_gateway(cfg) as gw, gw.client() as c:

@@ -134,6 +134,14 @@ def test_an_adapter_resolves_to_its_model_and_keeps_its_name() -> None:
     assert config.is_adapter("sql") and not config.is_adapter("b")
 
 
+def test_an_unlisted_name_without_an_owner_is_not_started() -> None:
+    config = parse_config({"models": {"gpt2-local": {}}})
+    assert config.resolve("openai-community/gpt2") == "openai-community/gpt2"
+    assert config.resolve("gpt2-local") == "gpt2-local"
+    with pytest.raises(ModelNotFound, match="full Hugging Face repo id"):
+        config.resolve("gpt-4o-mini")  # a client's default, not a model to start
+
+
 def test_unlisted_models_refused_when_not_allowed() -> None:
     config = parse_config({"gateway": {"allow_unlisted": False}, "models": {"m": {"aliases": ["x"]}}})
     assert config.resolve("x") == "m"

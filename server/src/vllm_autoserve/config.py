@@ -41,7 +41,8 @@ class GatewaySettings(_Strict):
     idle_seconds: PositiveSeconds = 900.0
     """A pool with no request for this long scales to zero."""
     allow_unlisted: bool = True
-    """Start any Hugging Face repo id on demand; false: only models under ``[models]``."""
+    """Start any Hugging Face repo id (``owner/name``) on demand; false: only models under
+    ``[models]``."""
     startup_seconds: PositiveSeconds = 1200.0
     """An engine not healthy this long after launch is stopped and marked failed."""
     failure_cooldown_seconds: Annotated[float, Field(ge=0)] = 5.0
@@ -214,6 +215,14 @@ class Config(_Strict):
             raise ModelNotFound(
                 f"[{requested}] is not a configured model; "
                 "this gateway serves only the models listed in its configuration",
+                param="model",
+            )
+        if "/" not in requested:
+            # A client's default ("gpt-4o-mini") or a typo, not a model to start: every model
+            # on the Hub has an owner ("gpt2" is "openai-community/gpt2").
+            raise ModelNotFound(
+                f"[{requested}] is not a configured model; a model that is not configured "
+                "is started by its full Hugging Face repo id ('owner/name')",
                 param="model",
             )
         return requested

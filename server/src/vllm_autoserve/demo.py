@@ -36,16 +36,23 @@ def _has_gpu_vllm() -> bool:
 
 def cpu_demo_config() -> Config:
     """Provision the CPU engine and the tiny model (cached), and a config serving it."""
-    from .cpu_engine import cpu_engine_command, cpu_engine_env, install_cpu_engine
+    from .cpu_engine import (
+        cpu_engine_command,
+        cpu_engine_env,
+        cpu_engine_python,
+        install_cpu_engine,
+    )
     from .tiny_model import write_tiny_model
 
-    print("Preparing the vLLM CPU engine (first run only; a few minutes)...", flush=True)
+    if cpu_engine_python() is None:
+        print("Preparing the vLLM CPU engine (first run only; a few minutes)...", flush=True)
     install_cpu_engine(on_progress=lambda line: print(f"  {line}", flush=True))
     model_dir = write_tiny_model(demo_home() / "tiny-model")
     command = cpu_engine_command(str(model_dir), "{port}", "{model}")
     return parse_config(
         {
-            "gateway": {"idle_seconds": 600},
+            # One tiny model on a CPU: a mistyped name must not start a Hub download.
+            "gateway": {"idle_seconds": 600, "allow_unlisted": False},
             "models": {DEMO_MODEL: {"command": command, "env": cpu_engine_env()}},
         }
     )

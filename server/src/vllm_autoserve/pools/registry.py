@@ -16,6 +16,7 @@ from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
+_LISTED_UNLISTED = frozenset({PoolState.STARTING, PoolState.HEALTHY})
 
 
 class Pools(ABC):
@@ -101,7 +102,8 @@ class Pools(ABC):
                 for adapter, path in model.lora_modules.items()
             )
         for name, pool in self._pools.items():
-            if name not in self.config.models and pool.state is not PoolState.COLD:
+            # Unlisted models while they run; a failed name stays in /status, not in pickers.
+            if name not in self.config.models and pool.state in _LISTED_UNLISTED:
                 entries.append(ModelEntry(id=name, root=name, created=self._created))
         return entries
 
