@@ -7,7 +7,9 @@ import re
 import time
 
 import httpx
+import openai
 import psutil
+import pytest
 
 from tests.support.gateway import fake_model, running_gateway
 from tests.support.waiting import wait_for
@@ -122,6 +124,15 @@ def test_engine_that_exits_at_start_fails_fast_with_its_error() -> None:
         up = c.post("/up", json={"model_path": "broken"}).json()
         assert up["status"] == "failed"
         assert "CUDA out of memory (fake)" in up["error"]
+
+
+def test_the_sdk_does_not_start_a_failed_engine_again_with_its_retries() -> None:
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0.2\n" + fake_model("broken", "--fail-at-start", "boom")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key)  # max_retries=2
+        with pytest.raises(openai.InternalServerError, match="boom"):
+            sdk.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}])
+        assert engine_starts(c, "broken") == 1
 
 
 def test_engine_missing_its_startup_deadline_is_failed_and_stopped() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -72,6 +73,19 @@ def test_every_route_but_health_needs_the_key(gateway) -> None:  # type: ignore[
     assert httpx.get(gateway.url + "/health").status_code == 200
     # Nothing was started by the refused requests.
     assert gateway.status()["m"]["state"] == "cold"
+
+
+def test_the_gateway_own_answers_have_a_length_for_http_1_0_clients(gateway) -> None:  # type: ignore[no-untyped-def]
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"GET /status HTTP/1.0\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401") and b"transfer-encoding" not in head.lower()
+    assert b"content-length: %d" % len(body) in head.lower()
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
 
 
 def test_several_keys_rotate() -> None:

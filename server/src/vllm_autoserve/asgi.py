@@ -15,6 +15,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 async def send_bytes(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    """A complete response in two messages."""
+    """A complete response in two messages, with its length (not chunked: HTTP/1.0 clients
+    read it as it is)."""
+    if status != 204:  # which must not have one
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

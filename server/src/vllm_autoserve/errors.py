@@ -150,9 +150,15 @@ class ModelNotReady(GatewayError):
 
 
 class ModelFailed(GatewayError):
+    """An engine that failed to start will most likely fail again: the OpenAI SDKs are told
+    not to retry (``x-should-retry``), which would start it anew after the cooldown."""
+
     status = 503
     type = "engine_error"
     code = "model_failed"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"x-should-retry", b"false")]
 
 
 class ShuttingDown(GatewayError):
