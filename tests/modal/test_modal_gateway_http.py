@@ -114,7 +114,7 @@ async def test_up_pending_healthy_then_chat(recording: tuple[RecordingEngine, st
                 "path": "/v1/chat/completions",
                 "query": {"model_path": MODEL},
                 "auth": f"Bearer {state.data[ENGINE_KEY]}",  # never the client's key
-                "model": MODEL,
+                "model": "qwen",  # the engine serves its aliases too
             }
         ]
         assert state.data[ENGINE_KEY] != GATEWAY_KEY

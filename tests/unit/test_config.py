@@ -128,10 +128,27 @@ def test_invalid_repo_ids(name: str) -> None:
         check_model_name(name)
 
 
-def test_an_adapter_resolves_to_its_model_and_keeps_its_name() -> None:
-    config = parse_config({"models": {"base": {"aliases": ["b"], "lora_modules": {"sql": "/l"}}}})
+def test_adapters_and_aliases_of_started_vllm_keep_their_name_upstream() -> None:
+    config = parse_config(
+        {
+            "models": {
+                "base": {"aliases": ["b"], "lora_modules": {"sql": "/l"}},
+                "own": {"aliases": ["o"], "command": ["serve", "{port}"]},
+                "far": {"aliases": ["f"], "url": "http://x"},
+            }
+        }
+    )
     assert config.resolve("sql") == config.resolve("b") == "base"
-    assert config.is_adapter("sql") and not config.is_adapter("b")
+    # A command or url upstream does not know the gateway's aliases: those are rewritten.
+    assert config.names_sent_as_is() == {"sql", "b"}
+
+
+def test_answers_of_a_local_folder_model_name_its_alias_not_its_path() -> None:
+    config = parse_config(
+        {"models": {"/srv/tiny": {"aliases": ["tiny"]}, "org/m": {"aliases": ["m"]}}}
+    )
+    assert config.served_names("/srv/tiny") == ["tiny", "/srv/tiny"]
+    assert config.served_names("org/m") == ["org/m", "m"]
 
 
 def test_an_unlisted_name_without_an_owner_is_not_started() -> None:

@@ -80,6 +80,7 @@ class GatewayApp:
         self.access = AccessLog()
         self.cross_origin = CrossOrigin(config.gateway.cors_origins, keyless=keys.open)
         self.control: ASGIApp = create_control_app(pools, config)
+        self._sent_as_is = config.names_sent_as_is()
         self._public = {"/health", *config.gateway.public_routes}
         if "/status" in self._public:
             self._public.add("/v1/status")
@@ -244,7 +245,7 @@ class GatewayApp:
                 # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
                 headers = _with_json_content_type(headers)
             model = self.pools.resolve(requested)
-            if model != requested and not self.config.is_adapter(requested):
+            if model != requested and requested not in self._sent_as_is:
                 body = with_model(body, model, form_value)
             pool = self.pools.get(model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)

@@ -241,9 +241,26 @@ class Config(_Strict):
         merged["vllm_args"] = [*(self.defaults.vllm_args or []), *(own.vllm_args or [])]
         return ModelConfig.model_validate(merged)
 
-    def is_adapter(self, requested: str) -> bool:
-        """Whether a name is a LoRA adapter's: it goes upstream as it is, not as its model's."""
-        return any(requested in model.lora_modules for model in self.models.values())
+    def names_sent_as_is(self) -> frozenset[str]:
+        """Names other than a model's own that go upstream unchanged: LoRA adapters, and
+        aliases of models whose vLLM the gateway starts (with the aliases as served names,
+        so that answers name the model as the client did, as vLLM's do). A ``command`` or
+        ``url`` upstream knows only the model's own name."""
+        names: set[str] = set()
+        for model in self.models.values():
+            names.update(model.lora_modules)
+            if model.command is None and model.url is None:
+                names.update(model.aliases)
+        return frozenset(names)
+
+    def served_names(self, name: str) -> list[str]:
+        """``--served-model-name`` for a vLLM the gateway starts. vLLM's answers carry the
+        first: the model's own name, or its first alias when the model is a local folder,
+        whose path is no business of clients."""
+        aliases = self.aliases_of(name)
+        if aliases and name.startswith(("/", "~", ".")):
+            return [*aliases, name]
+        return [name, *aliases]
 
     def aliases_of(self, name: str) -> list[str]:
         model = self.models.get(name)

@@ -53,7 +53,7 @@ def engine_argv(
     argv = vllm_command(
         python=sys.executable,
         model=model,
-        served_names=[model, *config.aliases_of(model)],
+        served_names=config.served_names(model),
         host="0.0.0.0",  # Modal reaches the web server on the container's external interface
         port=port,
         tensor_parallel_size=tensor_parallel if tensor_parallel > 1 else None,

@@ -66,7 +66,7 @@ class LocalPool(Pool):
 
     def _argv(self, port: int) -> tuple[list[str], dict[str, str]]:
         settings = self.settings
-        served = [self.name, *self.config.aliases_of(self.name)]
+        served = self.config.served_names(self.name)
         extra_env: dict[str, str] = {}
         if settings.command is not None:
             values = {"port": str(port), "model": self.name, "host": ENGINE_HOST}
