@@ -204,7 +204,7 @@ async def test_idle_and_shutdown_only_forget_the_pool_locally() -> None:
 
 
 async def test_command_models_are_not_started_on_modal() -> None:
-    config = parse_config({"models": {"local-tool": {"command": ["python", "-m", "x"]}}})
+    config = parse_config({"models": {"local-tool": {"command": ["python", "-m", "x", "--port", "{port}"]}}})
     pools = ModalPools(config, state=FakeDict(), engines=FakeEngines())
     status = await pools.get("local-tool").up(wait=5)
     assert status.up_status == "failed"

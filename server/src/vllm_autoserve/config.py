@@ -23,6 +23,8 @@ MAX_MODEL_NAME = 256
 # starting with a letter or digit (so no leading '-' that could pass for a command-line option).
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")  # not JSON's {"key": ...} in an argument
+_PLACEHOLDERS = frozenset({"port", "model", "host"})
 # A web origin as browsers send it: scheme://host[:port], nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
@@ -30,7 +32,7 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class GatewaySettings(_Strict):
@@ -92,7 +94,8 @@ class ModelSettings(_Strict):
     tensor_parallel_size: Annotated[int, Field(ge=1)] | None = None
     """vLLM's ``--tensor-parallel-size``; also the local GPU count when ``gpu`` is unset."""
     vllm_args: list[str] | None = None
-    """Extra arguments for vLLM's server; appended after those of ``[defaults]``."""
+    """Extra arguments for vLLM's server; appended after those of ``[defaults]`` (a
+    ``command`` model takes none: its command is the whole command line)."""
     env: dict[str, str] | None = None
     """Extra environment for the engine; merged over that of ``[defaults]``."""
     startup_seconds: PositiveSeconds | None = None
@@ -161,6 +164,20 @@ class ModelConfig(ModelSettings):
             raise ValueError("'command' and 'url' exclude each other")
         if self.command is not None and not self.command:
             raise ValueError("'command' must not be empty")
+        if self.command is not None:
+            used = set(_PLACEHOLDER.findall(" ".join(self.command)))
+            unknown = sorted(used - _PLACEHOLDERS)
+            if unknown:
+                named = ", ".join("{" + name + "}" for name in unknown)
+                raise ValueError(
+                    f"'command' has unknown placeholder(s) {named}; known: {{port}}, {{model}}, "
+                    "{host}"
+                )
+            if "port" not in used:
+                raise ValueError(
+                    "'command' must contain {port}: the engine must listen on the port the "
+                    "gateway picks for it"
+                )
         if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
             raise ValueError(f"'url' must be an http(s) URL, got {self.url!r}")
         return self
@@ -177,10 +194,14 @@ class Config(_Strict):
     def _names_unique(self) -> Config:
         seen = {name: f'models."{name}"' for name in self.models}
         for name, model in self.models.items():
-            _check_configured_name(name)
+            _check_configured_name(name, "models")
+            if model.command is not None and model.vllm_args is not None:
+                raise ValueError(
+                    f"models.\"{name}\": 'vllm_args' do not apply to a 'command': put them in it"
+                )
             where = f'models."{name}".aliases'
             for alias in model.aliases:
-                _check_configured_name(alias)
+                _check_configured_name(alias, where)
                 if alias == name:
                     raise ValueError(f"{where}: {alias!r} is the model's own name")
                 if alias in seen:
@@ -188,7 +209,7 @@ class Config(_Strict):
                 seen[alias] = where
             where = f'models."{name}".lora_modules'
             for adapter in model.lora_modules:
-                _check_configured_name(adapter)
+                _check_configured_name(adapter, where)
                 if adapter in seen:
                     raise ValueError(f"{where}: {adapter!r} is already used by {seen[adapter]}")
                 seen[adapter] = where
@@ -283,13 +304,13 @@ def check_model_name(name: str) -> None:
         )
 
 
-def _check_configured_name(name: str) -> None:
+def _check_configured_name(name: str, where: str) -> None:
     # Configured names may be local paths or free-form labels, but nothing that could be
     # taken for an option or break a log line.
     if not name or len(name) > MAX_MODEL_NAME or _CONTROL.search(name) or name.startswith("-"):
-        raise ValueError(f"{name!r} is not a usable model name")
+        raise ValueError(f"{where}: {name!r} is not a usable model name")
     if name != name.strip():
-        raise ValueError(f"{name!r} has leading or trailing whitespace")
+        raise ValueError(f"{where}: {name!r} has leading or trailing whitespace")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -316,11 +337,12 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(_quote_key(part) for part in err["loc"]) or "(top level)"
+            key = ".".join(_quote_key(part) for part in err["loc"])
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 message = "unknown key"
-            problems.append(f"  {key}: {message}")
+            # Checks across models name their key in the message.
+            problems.append(f"  {key}: {message}" if key else f"  {message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None
 
 
