@@ -154,9 +154,11 @@ def test_websocket_upgrades_are_refused_cleanly() -> None:
 def test_down_of_an_unknown_model_does_not_add_it_to_the_model_list() -> None:
     """/down with any valid name created a pool that /v1/models then listed for good."""
     with running_gateway(fake_model("m")) as gw, gw.client() as c:
-        assert c.post("/down", json={"model_path": "someone/else"}).status_code == 200
+        down = c.post("/down", json={"model_path": "someone/else"})
+        assert down.status_code == 200 and down.json()["state"] == "cold"
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert ids == ["m"]
+        assert list(gw.status()) == ["m"]  # nor to /status, with its metric series
 
 
 def test_drain_seconds_zero_does_not_make_sigterm_wait_forever() -> None:

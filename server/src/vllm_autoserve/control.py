@@ -108,7 +108,7 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
     async def down(request: DownRequest) -> dict[str, Any]:
         """Stop a model's pool (local) or let it scale to zero (Modal)."""
         name = pools.resolve(request.model_path)
-        result = (await pools.get(name).down()).as_json()
+        result = (await pools.down(name)).as_json()
         result["status"] = "down"
         return result
 

@@ -222,6 +222,8 @@ class LocalOnlyPool(Pool):
 class ModalPools(Pools):
     """Every model's Modal pool; ``url =`` models are routed as static upstreams."""
 
+    engines_outlive_gateway = True
+
     def __init__(
         self,
         config: Config,

@@ -27,6 +27,8 @@ class Pools(ABC):
     ``/status`` rows and metric series would otherwise grow with every name ever asked for.
     """
 
+    engines_outlive_gateway = False
+    """Whether engines run beyond this process (Modal's pools, shared by gateway replicas)."""
     unlisted_kept = 64
     forget_after_seconds = 60.0
     """A pool used this recently is kept: a request may hold it and not have started it yet."""
@@ -57,27 +59,33 @@ class Pools(ABC):
         pool.last_active = time.monotonic()
         return pool
 
+    async def down(self, name: str) -> PoolStatus:
+        """Stop a model's pool. A model never started here has nothing to stop, and gets no
+        pool (no row in ``/status``) unless its engines outlive this process (Modal)."""
+        pool = self._pools.get(name)
+        if pool is None and not self.engines_outlive_gateway:
+            return self._cold_status(name)
+        return await self.get(name).down()
+
     def statuses(self) -> list[PoolStatus]:
         names = list(self.config.models) + [n for n in self._pools if n not in self.config.models]
         result = []
         for name in names:
             pool = self._pools.get(name)
-            if pool is not None:
-                result.append(pool.status())
-            else:
-                result.append(
-                    PoolStatus(
-                        model=name,
-                        state=PoolState.COLD,
-                        since=self._created,
-                        last_request=None,
-                        in_flight=0,
-                        engines=0,
-                        aliases=self.config.aliases_of(name),
-                        backend=self._create_backend_name(name),
-                    )
-                )
+            result.append(pool.status() if pool is not None else self._cold_status(name))
         return result
+
+    def _cold_status(self, name: str) -> PoolStatus:
+        return PoolStatus(
+            model=name,
+            state=PoolState.COLD,
+            since=self._created,
+            last_request=None,
+            in_flight=0,
+            engines=0,
+            aliases=self.config.aliases_of(name),
+            backend=self._create_backend_name(name),
+        )
 
     def _create_backend_name(self, name: str) -> str:
         return "static" if self.config.model(name).url else "local"
