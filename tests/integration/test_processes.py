@@ -278,10 +278,55 @@ def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left
         log = gw.log()
         assert log.count("status=503") == 2, log
         assert "Traceback" not in log
+        assert " ERROR " not in log  # the drain's end, as configured, is no error
     # Nothing outlives the gateway: not the engine that was starting, nor a new one.
     time.sleep(2)
     assert not alive(engine_pids(pid_file))
     assert "cold -> starting (request)" not in log.split("Shutting down", 1)[1]
+
+
+def test_at_shutdown_waits_for_a_cold_start_end_at_once_and_generations_finish() -> None:
+    """Held requests and /up long-polls waited out drain_seconds (or the engine's start)."""
+    cfg = (
+        "[gateway]\ndrain_seconds = 60\nhold_seconds = 60\n"
+        + fake_model("cold", "--startup-delay", "60")
+        + fake_model("warm", "--chunks", "60", "--chunk-delay", "0.1")
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "warm", "wait": 15}).json()["status"] == "healthy"
+        events: list[tuple[str, int]] = []
+        streamed: list[bytes] = []
+
+        def held() -> None:
+            with gw.client() as own:
+                answer = own.post("/v1/chat/completions", json={"model": "cold", **CHAT})
+                events.append((answer.json()["error"]["code"], answer.status_code))
+
+        def long_poll() -> None:
+            with gw.client() as own:
+                answer = own.post("/up", json={"model_path": "cold", "wait": 60})
+                events.append((answer.json()["error"]["code"], answer.status_code))
+
+        def stream() -> None:
+            with gw.client() as own, own.stream(
+                "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
+            ) as response:
+                streamed.extend(response.iter_raw())
+            events.append(("stream finished", response.status_code))
+
+        threads = [threading.Thread(target=f) for f in (stream, held, long_poll)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: streamed and gw.status()["cold"]["state"] == "starting")
+        time.sleep(0.3)  # the held request and the long-poll are waiting
+        gw.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(30)
+        assert gw.process.wait(30) in (0, -signal.SIGTERM)
+    # The two waits were let go first; the generation under way was drained to its end.
+    assert events[:2] == [("gateway_shutting_down", 503)] * 2
+    assert events[2] == ("stream finished", 200)
+    assert b"".join(streamed).endswith(b"data: [DONE]\n\n")
 
 
 def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:

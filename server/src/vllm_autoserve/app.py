@@ -197,6 +197,11 @@ class GatewayApp:
     async def startup(self) -> None:
         await self.pools.start()
 
+    def stopping(self) -> None:
+        """The server stops taking requests: those waiting for an engine to start are let go
+        at once, not after ``drain_seconds`` (which is for generations under way)."""
+        self.pools.refuse_starts()
+
     async def shutdown(self) -> None:
         await self.pools.close()
         await self.proxy.close()

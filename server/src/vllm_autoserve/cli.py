@@ -62,7 +62,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
     import uvicorn
 
     from .app import create_app, tune_gc_for_serving
-    from .http_server import bounded_http_protocol
+    from .http_server import GatewayServer, bounded_http_protocol
     from .pools.local import LocalPools
 
     problem = bind_problem(host, port)
@@ -83,10 +83,13 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         http=bounded_http_protocol(config.gateway.client_header_seconds),
         proxy_headers=False,  # nothing here reads the client's address
     )
-    server = uvicorn.Server(uv_config)
+    server = GatewayServer(uv_config, on_stopping=app.stopping)
     tune_gc_for_serving()
     log.info("gateway on http://%s:%d (auth %s)", host, port, "off" if keys.open else "on")
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it stopped for again: done, quietly
+        return 130
     return 0 if server.started else 1
 
 

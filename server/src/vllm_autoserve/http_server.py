@@ -1,4 +1,5 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with the limits it lacks on a request's head.
+"""uvicorn's server, told when it stops taking requests, and its HTTP/1.1 protocol
+(httptools) with the limits it lacks on a request's head.
 
 uvicorn bounds neither the size of a request's head (request line and headers, which
 httptools buffers whole) nor the time a client may take to send it: without any key, a
@@ -13,13 +14,29 @@ comparisons more.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from http import HTTPStatus
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import GatewayError, HeadersTooLarge, RequestTimeout
 
 MAX_HEAD_BYTES = 64 * 1024
+
+
+class GatewayServer(uvicorn.Server):
+    """Calls ``on_stopping`` as it stops taking requests: before the drain of requests under
+    way, which the app's lifespan shutdown only follows."""
+
+    def __init__(self, config: uvicorn.Config, *, on_stopping: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stopping = on_stopping
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stopping()
+        await super().shutdown(sockets)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):

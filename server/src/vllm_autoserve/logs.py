@@ -245,7 +245,12 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 class DeliberatelyCutAnswers(logging.Filter):
     """Drops uvicorn's ERROR for an answer the app ended without completing it: the gateway
     does that on purpose when an engine breaks off its answer (so that no client takes the
-    cut answer for a whole one), and has already logged a warning saying which engine."""
+    cut answer for a whole one), and has already logged a warning saying which engine. And
+    makes its ERROR for requests cut at the end of the drain a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Cancel %s running task(s), timeout graceful shutdown exceeded":
+            # The end of drain_seconds, as configured: those requests are told (503 or an
+            # error event) and logged. A warning, not an error that pages someone.
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return record.msg != "ASGI callable returned without completing response."

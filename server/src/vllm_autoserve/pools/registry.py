@@ -118,11 +118,16 @@ class Pools(ABC):
     async def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle reaper")
 
-    async def close(self) -> None:
-        """Stop every engine this gateway started, and start none from now on."""
+    def refuse_starts(self) -> None:
+        """Start no engine from now on, and let requests and ``/up`` calls waiting for one
+        go (``503 gateway_shutting_down``): the gateway is stopping."""
         self._closing = True
         for pool in self._pools.values():
             pool.close()
+
+    async def close(self) -> None:
+        """Stop every engine this gateway started, and start none from now on."""
+        self.refuse_starts()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
