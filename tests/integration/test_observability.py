@@ -33,6 +33,10 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         text = c.get("/metrics").text
         assert metric(text, "autoserve_requests_total",
                       model="m", route="/v1/chat/completions", status="200") == 2
+        assert re.search(r'^autoserve_build_info\{version="[^"]+"\} 1\.0$', text, re.M)
+        rss = re.search(r"^process_resident_memory_bytes ([0-9.e+]+)$", text, re.M)
+        assert rss and float(rss.group(1)) > 10 * 2**20
+        assert "_created" not in text
         assert metric(text, "autoserve_requests_total",
                       model="bad", route="/v1/chat/completions", status="503") == 2
         assert metric(text, "autoserve_request_held_seconds_count", model="m") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from prometheus_client import (
@@ -11,10 +12,16 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the count
 REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes...
+PlatformCollector(registry=REGISTRY)  # python_info
 _STATES = ("cold", "starting", "healthy", "stopping", "failed")
 _LATENCY_BUCKETS = (
     0.001,
@@ -98,6 +105,13 @@ ENGINE_FAILURES = Counter(
 OPEN_STREAMS = Gauge(
     "autoserve_open_streams", "Responses being streamed right now.", ["model"], registry=REGISTRY
 )
+BUILD_INFO = Gauge(
+    "autoserve_build_info", "The gateway's version (always 1).", ["version"], registry=REGISTRY
+)
+try:
+    BUILD_INFO.labels(version("vllm-autoserve")).set(1)
+except PackageNotFoundError:  # run from a source tree that is not installed
+    BUILD_INFO.labels("unknown").set(1)
 IN_FLIGHT = Gauge(
     "autoserve_requests_in_flight",
     "Requests being proxied right now.",
