@@ -106,6 +106,18 @@ def test_a_refused_connection(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Traceback" not in err
 
 
+def test_piped_errors_stay_on_one_line_and_the_version_is_told(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "40")  # for grep, not for a terminal: no wrapping
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert "AUTOSERVE_BASE_URL" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("autoserve ")
+
+
 def test_settings_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from openai import (
@@ -247,6 +248,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Start, watch, stop and try models on a vLLM Autoserve gateway.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
@@ -273,6 +275,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return version("vllm-autoserve-client")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     for name in ("base_url", "api_key", "timeout"):
@@ -280,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, name, None)
     # Piped, the output is for other programs: no terminal width to fit, nothing cut.
     out = Console() if sys.stdout.isatty() else Console(width=1000)
-    err = Console(stderr=True)
+    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=1000)
     try:
         args.run(args, out, err)
     except KeyboardInterrupt:

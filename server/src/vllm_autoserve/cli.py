@@ -17,6 +17,7 @@ import math
 import socket
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .auth import AUTH_ENV, ApiKeys, keys_from_env
@@ -160,11 +161,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _version() -> str:
+    try:
+        return version("vllm-autoserve")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Logging options go with every command: `vllm-autoserve serve --log-format json`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="(default: %(default)s)",
     )
     common.add_argument(
         "--log-format",
@@ -176,12 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vllm-autoserve",
         description="OpenAI-compatible gateway that starts vLLM engines on demand.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common], help="run the gateway with local engines")
     p.add_argument("--config", default=None, help=f"TOML file (default: ${CONFIG_ENV})")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on (default: %(default)s)"
+    )
     p.add_argument(
         "--no-auth", action="store_true", help="accept requests without a key (loopback hosts only)"
     )
