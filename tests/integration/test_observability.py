@@ -59,8 +59,13 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
 
         time.sleep(0.2)
         log = gw.log()
-        assert re.search(r"model=m route=/v1/chat/completions status=200 duration=\S+ "
-                         r"held=(?:0\.[5-9]|[1-9])\S* bytes_out=\d+", log)
+        assert re.search(r"client=127\.0\.0\.1 model=m route=/v1/chat/completions status=200 "
+                         r"duration=\S+ held=(?:0\.[5-9]|[1-9])\S* bytes_out=\d+", log)
+        # A name that is not served is in the access line (not in the metrics' labels).
+        assert c.post("/v1/chat/completions", json={"model": "typo", **CHAT}).status_code == 404
+        time.sleep(0.2)
+        assert "model=typo route=/v1/chat/completions status=404" in gw.log()
+        assert 'model="typo"' not in c.get("/metrics").text
         assert "[m] pool cold -> starting (request)" in log
         assert "[m] pool starting -> healthy (engine healthy)" in log
         assert re.search(r"\[bad\] pool starting -> failed \(engine failed\): \[bad\] engine "

@@ -21,6 +21,7 @@ ENTRY = AccessEntry(
     held=1.5,
     bytes_out=345,
     upstream_broke=True,
+    client="10.0.0.7",
 )
 
 
@@ -75,10 +76,11 @@ def test_access_line_says_what_happened() -> None:
     line = written("json", via_logging=False)
     entry = json.loads(line)
     assert entry["message"] == (
-        "model=m route=/v1/chat/completions status=200 duration=0.012 held=1.500 "
+        "client=10.0.0.7 model=m route=/v1/chat/completions status=200 duration=0.012 held=1.500 "
         "bytes_out=345 upstream_broke=1"
     )
     assert entry["status"] == 200 and entry["held"] == 1.5 and entry["upstream_broke"] is True
+    assert entry["client"] == "10.0.0.7"
 
 
 def test_another_logging_set_up_gets_records_with_the_fields() -> None:

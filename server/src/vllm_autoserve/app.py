@@ -29,6 +29,7 @@ from .errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    ModelNotFound,
     ShuttingDown,
     Unauthorized,
     UpstreamUnavailable,
@@ -230,7 +231,8 @@ class GatewayApp:
         started = time.perf_counter()
         path: str = scope["path"]
         route = path if path in _KNOWN_ROUTES else "other"
-        model = "-"
+        model = "-"  # the metrics' label: configured or started models only
+        asked: str | None = None
         held = 0.0
         outcome = Forwarded()
         try:
@@ -249,7 +251,11 @@ class GatewayApp:
             if form_value is None and not _is_json(content_type):
                 # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
                 headers = _with_json_content_type(headers)
-            model = self.pools.resolve(requested)
+            try:
+                model = self.pools.resolve(requested)
+            except ModelNotFound:
+                asked = requested  # a well-formed name: the access line says what was asked
+                raise
             if model != requested and requested not in self._sent_as_is:
                 body = with_model(body, model, form_value)
             pool = self.pools.get(model)
@@ -288,13 +294,14 @@ class GatewayApp:
             self.access.write(
                 AccessEntry(
                     created=time.time(),
-                    model=model,
+                    model=model if asked is None else asked,
                     route=route,
                     status=int(status),
                     duration=elapsed,
                     held=held,
                     bytes_out=outcome.bytes_out,
                     upstream_broke=outcome.upstream_broke,
+                    client=scope["client"][0] if scope.get("client") else "-",
                 )
             )
 

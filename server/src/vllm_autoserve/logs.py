@@ -29,6 +29,8 @@ class AccessEntry(NamedTuple):
     held: float
     bytes_out: int
     upstream_broke: bool
+    client: str
+    """The peer's address (a reverse proxy's, behind one)."""
 
     @property
     def msecs(self) -> int:
@@ -37,7 +39,7 @@ class AccessEntry(NamedTuple):
     def message(self) -> str:
         broke = " upstream_broke=1" if self.upstream_broke else ""
         return (
-            f"model={self.model} route={self.route} status={self.status} "
+            f"client={self.client} model={self.model} route={self.route} status={self.status} "
             f"duration={self.duration:.3f} held={self.held:.3f} bytes_out={self.bytes_out}{broke}"
         )
 
@@ -58,6 +60,7 @@ class AccessEntry(NamedTuple):
     def fields(self) -> dict[str, Any]:
         """The values as keys of a JSON line (``extra={"fields": ...}`` of a record)."""
         return {
+            "client": self.client,
             "model": self.model,
             "route": self.route,
             "status": self.status,
