@@ -69,7 +69,7 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         assert "[m] pool cold -> starting (request)" in log
         assert "[m] pool starting -> healthy (engine healthy)" in log
         assert re.search(r"\[bad\] pool starting -> failed \(engine failed\): \[bad\] engine "
-                         r"exited prematurely", log)
+                         r"exited prematurely with code \d+: ValueError: no such architecture", log)
 
 
 def test_json_logs_have_one_object_per_line_with_the_fields_as_keys() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -46,6 +47,19 @@ _AUTOMATIC_STOPS = frozenset({"idle", "gateway shutdown", "evicted to free GPUs"
 
 class IllegalTransition(RuntimeError):
     pass
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
+
+
+def _summary(error: str | None) -> str | None:
+    """An error's first line, and the exception the engine's log tail ends with, if any
+    (what went wrong, at the default log level: ``exited with code 1: OSError: ...``)."""
+    lines = (error or "").strip().splitlines()
+    if not lines:
+        return None
+    cause = next((line for line in reversed(lines[1:]) if _EXCEPTION_LINE.match(line)), None)
+    return f"{lines[0]}: {cause.strip()}" if cause else lines[0]
 
 
 class Pool(ABC):
@@ -140,7 +154,7 @@ class Pool(ABC):
             self._upstream = None
         metrics.set_pool_state(self.name, new.value)
         level = logging.WARNING if new is PoolState.FAILED else logging.INFO
-        first_line = (error or "").strip().splitlines()[:1]
+        summary = _summary(error)
         log.log(
             level,
             "[%s] pool %s -> %s (%s)%s",
@@ -148,14 +162,14 @@ class Pool(ABC):
             old.value,
             new.value,
             reason,
-            f": {first_line[0]}" if first_line else "",
+            f": {summary}" if summary else "",
             extra={
                 "fields": {
                     "model": self.name,
                     "old": old.value,
                     "new": new.value,
                     "reason": reason,
-                    "error": first_line[0] if first_line else None,
+                    "error": summary,
                 }
             },
         )
