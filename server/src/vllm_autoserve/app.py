@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from . import metrics
+from . import metrics, stored_responses
 from .asgi import ASGIApp, Message, Receive, Scope, Send, send_bytes
 from .auth import ApiKeys
 from .config import Config
@@ -30,6 +30,7 @@ from .errors import (
     GatewayError,
     MethodNotAllowed,
     ModelNotFound,
+    NotFound,
     ShuttingDown,
     Unauthorized,
     UpstreamUnavailable,
@@ -82,6 +83,7 @@ class GatewayApp:
         self.cross_origin = CrossOrigin(config.gateway.cors_origins, keyless=keys.open)
         self.control: ASGIApp = create_control_app(pools, config)
         self._sent_as_is = config.names_sent_as_is()
+        self.stored = stored_responses.StoredResponses()
         self._public = {"/health", *config.gateway.public_routes}
         if "/status" in self._public:
             self._public.add("/v1/status")
@@ -245,20 +247,31 @@ class GatewayApp:
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
-            content_type = _header(scope, b"content-type")
-            requested, form_value = model_of(body, content_type)
             headers: list[tuple[bytes, bytes]] = scope["headers"]
-            if form_value is None and not _is_json(content_type):
-                # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
-                headers = _with_json_content_type(headers)
-            try:
-                model = self.pools.resolve(requested)
-            except ModelNotFound:
-                asked = requested  # a well-formed name: the access line says what was asked
-                raise
-            if model != requested and requested not in self._sent_as_is:
-                body = with_model(body, model, form_value)
-            pool = self.pools.get(model)
+            if path.startswith(stored_responses.PREFIX):  # a stored response, by its id
+                model = self.stored.model_of(path)
+                pool = self.pools.get(model)
+                if pool.state is not PoolState.HEALTHY:
+                    raise NotFound(
+                        f"the engine of '{model}' that stored this response has stopped since, "
+                        "and the response with it",
+                        code="response_not_found",
+                    )
+            else:
+                content_type = _header(scope, b"content-type")
+                requested, form_value = model_of(body, content_type)
+                if form_value is None and not _is_json(content_type):
+                    # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told too.
+                    headers = _with_json_content_type(headers)
+                try:
+                    model = self.pools.resolve(requested)
+                except ModelNotFound:
+                    asked = requested  # a well-formed name: the access line says what was asked
+                    raise
+                if model != requested and requested not in self._sent_as_is:
+                    body = with_model(body, model, form_value)
+                pool = self.pools.get(model)
+                outcome.keep_head = route == "/v1/responses"
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
             gone = watch.gone
             try:
@@ -276,6 +289,8 @@ class GatewayApp:
                 metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
                     await self._forward(pool, upstream, scope, headers, body, send, gone, outcome)
+                if outcome.head and outcome.status == 200:
+                    self.stored.note(outcome.head, model)
             finally:
                 watch.stop()
         except ClientGone:

@@ -65,6 +65,9 @@ class Forwarded:
     stream: bool = False
     client_gone: bool = False
     upstream_broke: bool = False
+    keep_head: bool = False
+    """Keep the answer's first bytes in ``head`` (the Responses API's ids)."""
+    head: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ class Proxy:
         try:
             while chunk := await response.read():
                 result.bytes_out += len(chunk)
+                if result.keep_head and not result.head:
+                    result.head = chunk[:4096]
                 if response.drained:  # the last chunk: end the body with it, one write
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return
