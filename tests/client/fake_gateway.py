@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ class FakeGateway:
     model_errors: deque[tuple[int, dict[str, Any], dict[str, str]]] = field(default_factory=deque)
     """Answers (status, body, headers) to the next requests that name a model."""
     chunks: int = 3
+    break_stream: bool = False
+    """Break a streamed chat answer off after its first chunk (the connection is lost)."""
     pools: list[dict[str, Any]] = field(default_factory=list)
     """What ``/status`` lists (one healthy pool "m" when empty)."""
     calls: list[Call] = field(default_factory=list)
@@ -181,6 +183,11 @@ class FakeGateway:
         if body.get("stream"):
             events = [chunk_json(model, f"tok{i} ") for i in range(self.chunks)]
             sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            if self.break_stream:
+                first = f"data: {json.dumps(events[0])}\n\n".encode()
+                return httpx2.Response(
+                    200, content=_broken_off(first), headers={"content-type": "text/event-stream"}
+                )
             return httpx2.Response(
                 200, content=sse.encode(), headers={"content-type": "text/event-stream"}
             )
@@ -244,6 +251,11 @@ _ROUTES: dict[str, Callable[[FakeGateway, dict[str, Any]], httpx2.Response]] = {
     "/v1/embeddings": FakeGateway._embeddings,
     "/v1/responses": FakeGateway._responses,
 }
+
+
+def _broken_off(first: bytes) -> Iterator[bytes]:
+    yield first
+    raise httpx2.RemoteProtocolError("peer closed connection without sending complete message")
 
 
 def error_body(message: str, type_: str, code: str | None) -> dict[str, Any]:

@@ -91,6 +91,13 @@ def test_chat_streams_tokens(gateway: FakeGateway, capsys: pytest.CaptureFixture
     assert body["stream"] is True
 
 
+def test_chat_broken_off_says_so(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    gateway.break_stream = True
+    status, out, err = run(capsys, "chat", "m", "Say hi")
+    assert status == 1 and out.startswith("tok0 ")
+    assert "the answer broke off before its end" in err and "cannot reach" not in err
+
+
 def test_a_refused_key(capsys: pytest.CaptureFixture[str]) -> None:
     status = cli.main(["status", "--base-url", BASE_URL, "--api-key", "wrong"])
     _, err = capsys.readouterr()

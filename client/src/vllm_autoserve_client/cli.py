@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import httpx2
 from openai import (
     APIConnectionError,
     APIStatusError,
@@ -108,7 +109,7 @@ def _up(args: argparse.Namespace, out: Console, err: Console) -> None:
 
 
 def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
-    pools: list[dict[str, Any]] = _client(args).status().get("pools", [])
+    pools: list[dict[str, Any]] = _client(args, max_retries=0).status().get("pools", [])
     if not pools:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
@@ -148,7 +149,7 @@ def _print_whole(out: Console, table: Table) -> None:
 
 
 def _down(args: argparse.Namespace, out: Console, err: Console) -> None:
-    answer = _client(args).down(args.model)
+    answer = _client(args, max_retries=0).down(args.model)
     out.print(Text(f"{args.model}: down (now {answer.get('state', 'cold')})"))
 
 
@@ -156,7 +157,7 @@ def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
     table = Table(show_edge=False)
     for column in ("model", "state", "serves"):
         table.add_column(column, no_wrap=True)
-    for model in _client(args).models.list():
+    for model in _client(args, max_retries=0).models.list():
         extra = model.model_extra or {}
         root = extra.get("root")
         table.add_row(
@@ -177,11 +178,17 @@ def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
         max_tokens=omit if args.max_tokens is None else args.max_tokens,
         stream=True,
     )
-    for chunk in stream:
-        for choice in chunk.choices:
-            if choice.delta.content:
-                sys.stdout.write(choice.delta.content)
-                sys.stdout.flush()
+    try:
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    sys.stdout.write(choice.delta.content)
+                    sys.stdout.flush()
+    except (APIConnectionError, httpx2.HTTPError) as exc:
+        sys.stdout.write("\n")
+        raise AutoserveError(
+            "the answer broke off before its end (the connection was lost)"
+        ) from exc
     sys.stdout.write("\n")
 
 
