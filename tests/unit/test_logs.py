@@ -33,6 +33,7 @@ def restore_logging() -> Iterator[None]:
         logging.getLogger(),
         logging.getLogger("vllm_autoserve"),
         logging.getLogger(ACCESS_LOGGER),
+        logging.getLogger("httpx"),
     ]
     saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     for lg in loggers[1:]:
@@ -109,3 +110,10 @@ def test_no_access_lines_below_info() -> None:
     AccessLog().write(ENTRY)
     handler.flush()
     assert stream.getvalue() == ""
+
+
+def test_httpx_request_lines_are_left_out_but_at_debug() -> None:
+    setup_logging("info")
+    assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+    setup_logging("debug")
+    assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)

@@ -235,6 +235,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # httpx logs every request it sends at INFO (the demo's own calls, health checks).
+    logging.getLogger("httpx").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     batched = BatchedStreamHandler(sys.stderr)
     batched.setFormatter(formatter)
     access = logging.getLogger(ACCESS_LOGGER)
