@@ -151,7 +151,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     except TinyModelError as exc:
         print(f"vllm-autoserve: {exc}", file=sys.stderr)
         return 1
-    print(f"tiny model written to {path}")
+    print(f"tiny model ready: {path}")  # written, or found there already
     return 0
 
 
