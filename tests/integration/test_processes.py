@@ -309,9 +309,12 @@ def test_at_shutdown_waits_for_a_cold_start_end_at_once_and_generations_finish()
                 events.append((answer.json()["error"]["code"], answer.status_code))
 
         def stream() -> None:
-            with gw.client() as own, own.stream(
-                "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
-            ) as response:
+            with (
+                gw.client() as own,
+                own.stream(
+                    "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
+                ) as response,
+            ):
                 streamed.extend(response.iter_raw())
             events.append(("stream finished", response.status_code))
 
@@ -377,8 +380,19 @@ def _engine_port_or_none(gateway: Gateway) -> int | None:
         return None
 
 
-def test_a_process_that_takes_the_engine_port_first_gets_no_request_and_no_key() -> None:
-    cfg = "[gateway]\nhold_seconds = 2\n" + fake_model("slow", "--startup-delay", "8")
+def test_a_process_that_takes_the_engine_port_first_gets_no_request_and_no_key(
+    tmp_path: Path,
+) -> None:
+    # A vLLM the gateway launches itself (no `command`): its "python" runs the fake engine.
+    python = tmp_path / "python"
+    python.write_text(
+        f"#!{sys.executable}\nimport os, sys\nport = sys.argv[sys.argv.index('--port') + 1]\n"
+        f"os.execv(sys.executable, [sys.executable, {str(FAKE_ENGINE)!r}, '--port', port,"
+        " '--startup-delay', '8'])\n"
+    )
+    python.chmod(0o755)
+    cfg = f'[gateway]\nhold_seconds = 2\n[models."slow"]\nengine_python = "{python}"\n'
+    _Squatter.seen.clear()
     with running_gateway(cfg) as gw, gw.client() as c:
         c.post("/up", json={"model_path": "slow"})
         port = wait_for(lambda: _engine_port_or_none(gw), timeout=10)

@@ -96,6 +96,7 @@ class EngineProcess:
         health_url: str,
         stop_grace: float = 10.0,
         guarded: bool = True,
+        own_listener: bool = True,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -103,6 +104,9 @@ class EngineProcess:
         self.health_url = health_url
         self.stop_grace = stop_grace
         self.guarded = guarded
+        self.own_listener = own_listener
+        """The engine itself listens on its port (vLLM does; a ``command`` may hand it to a
+        process outside its own, as ``docker run -p`` does)."""
         self._lines: deque[str] = deque(maxlen=_LOG_KEEP_LINES)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -187,8 +191,9 @@ class EngineProcess:
         engine exits.
 
         An engine binds its port only when it has loaded its model, and any process on the
-        host may bind it first: a 200 counts only if the port is the engine's own, or else
-        that process would get the requests, and the engine's key with them.
+        host may bind it first: for an engine that listens itself (``own_listener``), a 200
+        counts only if the port is the engine's own, or else that process would get the
+        requests, and the engine's key with them.
         """
         assert self._exited is not None
         warned = False
@@ -196,7 +201,7 @@ class EngineProcess:
             if self._exited.done():
                 raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
             if await self._health_ok(session):
-                if await asyncio.to_thread(self._owns_port) is not False:
+                if not self.own_listener or await asyncio.to_thread(self._owns_port) is not False:
                     return
                 if not warned:
                     log.warning(
@@ -208,7 +213,7 @@ class EngineProcess:
             await asyncio.wait({self._exited}, timeout=_HEALTH_INTERVAL)
 
     def _owns_port(self) -> bool | None:
-        """Whether a process of the engine's group listens on its port; None if this
+        """Whether the engine or one of its children listens on its port; None if this
         machine will not say (no ``psutil``, or not allowed to look)."""
         port = urlsplit(self.health_url).port
         if self._proc is None or port is None:
@@ -219,22 +224,16 @@ class EngineProcess:
             return None
         try:
             root = psutil.Process(self._proc.pid)
-            group = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for socket_ in process.net_connections(kind="tcp"):
+                        listens = socket_.status == psutil.CONN_LISTEN and socket_.laddr
+                        if listens and socket_.laddr.port == port:
+                            return True
+        except psutil.NoSuchProcess:  # the engine itself is gone
             return False
-        except psutil.AccessDenied:
+        except (psutil.Error, AttributeError):  # not allowed to look; a psutil before 6.0
             return None
-        for process in group:
-            try:
-                sockets = process.net_connections(kind="tcp")
-            except psutil.NoSuchProcess:
-                continue
-            except psutil.AccessDenied:
-                return None
-            if any(
-                s.status == psutil.CONN_LISTEN and s.laddr and s.laddr.port == port for s in sockets
-            ):
-                return True
         return False
 
     async def _health_ok(self, session: aiohttp.ClientSession) -> bool:

@@ -110,6 +110,7 @@ class LocalPool(Pool):
             env=env,
             health_url=f"http://{ENGINE_HOST}:{port}/health",
             stop_grace=self.config.gateway.stop_grace_seconds,
+            own_listener=self.settings.command is None,
         )
         self._engine = engine
         await engine.start()
