@@ -51,7 +51,7 @@ def test_an_adapter_name_starts_its_base_model_and_reaches_vllm_as_it_is(
     adapted_model, adapted = complete("tiny-lora")
     base_model, base = complete("tiny-base")
     assert adapted_model == "tiny-lora"  # vLLM was asked for the adapter, not the base
-    assert base_model == "tiny-base"  # an alias is one of vLLM's served names: kept
+    assert base_model == "tiny-base"  # a local folder's first alias, not its path
     assert adapted != base  # and it applied it
     # One engine serves both names.
     assert [p["model"] for p in vllm_gateway.status().values()] == [str(tiny_model)]

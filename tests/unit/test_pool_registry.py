@@ -106,6 +106,25 @@ async def test_a_failure_is_remembered_through_its_cooldown() -> None:
     await pools.close()
 
 
+async def test_a_pool_with_a_request_waiting_on_it_is_kept() -> None:
+    # Waiting on a stopping pool, a request wakes when it is cold, then starts it: forgotten
+    # in between, the engine it starts would belong to no pool anyone can see or stop.
+    pools = make_pools()
+    pools.unlisted_kept = 0
+    for name in ("org/a", "org/b"):
+        await _used(pools, name)
+    waiter = asyncio.create_task(pools.get("org/a")._wait_change(5))
+    await asyncio.sleep(0.01)
+    pools.get("org/a").last_active -= 100
+    pools._forget_unlisted(time.monotonic())
+    assert {s.model for s in pools.statuses()} == {"listed", "org/a"}
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    pools._forget_unlisted(time.monotonic() + 100)
+    assert {s.model for s in pools.statuses()} == {"listed"}
+    await pools.close()
+
+
 async def test_a_pool_just_asked_for_is_kept() -> None:
     pools = make_pools()
     pools.forget_after_seconds = 60.0

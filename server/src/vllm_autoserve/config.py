@@ -263,10 +263,10 @@ class Config(_Strict):
         return ModelConfig.model_validate(merged)
 
     def names_sent_as_is(self) -> frozenset[str]:
-        """Names other than a model's own that go upstream unchanged: LoRA adapters, and
-        aliases of models whose vLLM the gateway starts (with the aliases as served names,
-        so that answers name the model as the client did, as vLLM's do). A ``command`` or
-        ``url`` upstream knows only the model's own name."""
+        """Names other than a model's own that go upstream unchanged (the body as it was
+        sent, not decoded and encoded again): LoRA adapters, and aliases of models whose vLLM
+        the gateway starts with the aliases as served names. A ``command`` or ``url``
+        upstream knows only the model's own name."""
         names: set[str] = set()
         for model in self.models.values():
             names.update(model.lora_modules)

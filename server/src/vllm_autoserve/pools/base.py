@@ -79,6 +79,7 @@ class Pool(ABC):
         self._start_task: asyncio.Task[None] | None = None
         self._upstream: Upstream | None = None
         self._in_flight = 0
+        self._waiting = 0  # requests and /up calls waiting for a state change
         self._last_request: float | None = None
         self.last_active = time.monotonic()
         """When a request or call last asked for this pool (``time.monotonic``)."""
@@ -235,8 +236,12 @@ class Pool(ABC):
 
     async def _wait_change(self, timeout: float) -> None:
         changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+        self._waiting += 1  # until this waiter has looked at the change (see at_rest)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout)
+        finally:
+            self._waiting -= 1
 
     # -- the ways in ----------------------------------------------------------------------
 
@@ -372,13 +377,14 @@ class Pool(ABC):
         )
 
     def at_rest(self) -> bool:
-        """Nothing to lose by forgetting this pool: no engine, stop, request or pin, and no
-        failure still within its cooldown (which keeps a crashing model from restarting)."""
+        """Nothing to lose by forgetting this pool: no engine, stop, request, waiter or pin,
+        and no failure still within its cooldown (which keeps a crashing model from
+        restarting)."""
         return (
             not self._pinned
             and self._in_flight == 0
+            and self._waiting == 0
             and self._stop_task is None
-            and not self._gpus()
             and (
                 self._state is PoolState.COLD
                 or (self._state is PoolState.FAILED and self._cooldown_left() == 0)

@@ -141,6 +141,11 @@ class LocalPool(Pool):
     def _log_tail(self) -> str:
         return self._engine.log_tail() if self._engine else ""
 
+    def at_rest(self) -> bool:
+        # A crashed engine is failed at once, and cleaned up after (its slot released last).
+        cleaned_up = self._watcher is None or self._watcher.done()
+        return super().at_rest() and cleaned_up and not self._slots.holds(self.name)
+
     def _gpus(self) -> list[int]:
         return self._slots.held_by(self.name)
 
