@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import re
@@ -248,15 +249,16 @@ class GatewayApp:
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
             headers: list[tuple[bytes, bytes]] = scope["headers"]
-            if path.startswith(stored_responses.PREFIX):  # a stored response, by its id
+            if stored_responses.names_one(path):  # a stored response, by its id
                 model = self.stored.model_of(path)
-                pool = self.pools.get(model)
-                if pool.state is not PoolState.HEALTHY:
+                found = self.pools.find(model)
+                if found is None or found.state is not PoolState.HEALTHY:
                     raise NotFound(
                         f"the engine of '{model}' that stored this response has stopped since, "
                         "and the response with it",
                         code="response_not_found",
                     )
+                pool = found
             else:
                 content_type = _header(scope, b"content-type")
                 requested, form_value = model_of(body, content_type)
@@ -271,7 +273,8 @@ class GatewayApp:
                 if model != requested and requested not in self._sent_as_is:
                     body = with_model(body, model, form_value)
                 pool = self.pools.get(model)
-                outcome.keep_head = route == "/v1/responses"
+                if route == "/v1/responses":
+                    outcome.note_head = functools.partial(self.stored.note, model=model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
             gone = watch.gone
             try:
@@ -289,8 +292,6 @@ class GatewayApp:
                 metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
                     await self._forward(pool, upstream, scope, headers, body, send, gone, outcome)
-                if outcome.head and outcome.status == 200:
-                    self.stored.note(outcome.head, model)
             finally:
                 watch.stop()
         except ClientGone:

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
 
@@ -65,9 +66,8 @@ class Forwarded:
     stream: bool = False
     client_gone: bool = False
     upstream_broke: bool = False
-    keep_head: bool = False
-    """Keep the answer's first bytes in ``head`` (the Responses API's ids)."""
-    head: bytes = b""
+    note_head: Callable[[bytes], None] | None = None
+    """Called with the first bytes of a 200 answer, as they arrive (the Responses API's ids)."""
 
 
 @dataclass(frozen=True)
@@ -225,8 +225,10 @@ class Proxy:
         try:
             while chunk := await response.read():
                 result.bytes_out += len(chunk)
-                if result.keep_head and not result.head:
-                    result.head = chunk[:4096]
+                if result.note_head is not None:
+                    if result.status == 200:
+                        result.note_head(chunk[:4096])
+                    result.note_head = None
                 if response.drained:  # the last chunk: end the body with it, one write
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                     return

@@ -14,9 +14,14 @@ from collections import OrderedDict
 
 from .errors import NotFound
 
-PREFIX = "/v1/responses/"
+_PREFIX = "/v1/responses/resp_"  # vLLM's ids; other paths there name their model in the body
 _ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]{1,200})"')
 _KEEP = 20_000  # ids remembered, the oldest forgotten first (about 3 MB)
+
+
+def names_one(path: str) -> bool:
+    """Whether a path is ``/v1/responses/{id}``, or below it."""
+    return path.startswith(_PREFIX)
 
 
 class StoredResponses:
@@ -35,7 +40,7 @@ class StoredResponses:
 
     def model_of(self, path: str) -> str:
         """The model whose engine holds the response a ``/v1/responses/{id}...`` path names."""
-        response_id = path.removeprefix(PREFIX).split("/", 1)[0]
+        response_id = path.removeprefix("/v1/responses/").split("/", 1)[0]
         model = self._models.get(response_id)
         if model is None:
             raise NotFound(

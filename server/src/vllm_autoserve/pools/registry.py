@@ -59,6 +59,10 @@ class Pools(ABC):
         pool.last_active = time.monotonic()
         return pool
 
+    def find(self, name: str) -> Pool | None:
+        """The model's pool if it has one; none is made."""
+        return self._pools.get(name)
+
     async def down(self, name: str) -> PoolStatus:
         """Stop a model's pool. A model never started here has nothing to stop, and gets no
         pool (no row in ``/status``) unless its engines outlive this process (Modal)."""
