@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 import time
@@ -245,3 +246,52 @@ def test_opening_the_model_list_opens_its_entries() -> None:
         assert one.json() == next(entry for entry in listed if entry["id"] == "m")
         assert one.json()["state"] == "cold"
         assert httpx.get(gw.url + "/status").status_code == 401  # the rest stays closed
+
+
+class _OddModelList(http.server.BaseHTTPRequestHandler):
+    """An upstream whose /v1/models no gateway should trust: ids that are not strings."""
+
+    model_list = b'{"data": [{"id": ["m"], "max_model_len": 5}, {"id": {}}, 7]}'
+
+    def do_GET(self) -> None:
+        body = b"{}" if self.path == "/health" else self.model_list
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _DeepModelList(_OddModelList):
+    """JSON nested past any parser's recursion limit."""
+
+    model_list = b"[" * 200_000 + b"]" * 200_000
+
+
+def test_odd_model_lists_from_upstreams_do_not_break_the_gateway_list() -> None:
+    servers = [
+        http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        for handler in (_OddModelList, _DeepModelList)
+    ]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = "".join(
+        f'[models."odd{i}"]\nurl = "http://127.0.0.1:{s.server_port}"\n'
+        for i, s in enumerate(servers)
+    )
+    try:
+        with running_gateway(cfg) as gw, gw.client() as c:
+            for i in range(2):
+                up = c.post("/up", json={"model_path": f"odd{i}", "wait": 10}).json()
+                assert up["status"] == "healthy"
+            listed = c.get("/v1/models")
+            assert listed.status_code == 200, listed.text
+            assert [m["id"] for m in listed.json()["data"]] == ["odd0", "odd1"]
+            assert all("max_model_len" not in m for m in listed.json()["data"])
+            assert "Traceback" not in gw.log()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -8,6 +8,7 @@ and keeps the answer for the engine's later cold spells too.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -19,29 +20,32 @@ from .pools.status import Upstream
 log = logging.getLogger("vllm_autoserve.engine_models")
 
 _ASK_SECONDS = 2.0  # a model list is instant; an engine that is slow to give it is skipped
+_MAX_LIST_BYTES = 1024 * 1024  # a longer list is skipped, not read
 
 
 class EngineModels:
     def __init__(self, pools: Pools) -> None:
         self._pools = pools
-        self._asked: dict[str, Upstream] = {}  # pool → the upstream last asked
-        self._lengths: dict[str, int] = {}  # model id (as the engine lists it) → max_model_len
+        self._asked: dict[str, Upstream] = {}  # healthy pool → the upstream last asked
+        # model id (as the engine lists it) → (its pool, max_model_len)
+        self._lengths: dict[str, tuple[str, int]] = {}
 
     async def refresh(self) -> None:
         """Ask every healthy engine not asked since it started, all at once."""
-        due = [
-            (name, upstream)
-            for name, upstream in self._pools.healthy_upstreams()
-            if self._asked.get(name) is not upstream
-        ]
-        for name, upstream in due:
-            self._asked[name] = upstream  # asked once, answered or not
+        healthy = dict(self._pools.healthy_upstreams())
+        due = [(n, up) for n, up in healthy.items() if self._asked.get(n) is not up]
+        self._asked = {n: up for n, up in self._asked.items() if n in healthy}
+        self._asked.update(due)  # asked once per engine start, answered or not
+        # What the engines of forgotten pools said is forgotten with them.
+        known = {status.model for status in self._pools.statuses()}
+        self._lengths = {i: v for i, v in self._lengths.items() if v[0] in known}
         await asyncio.gather(*(self._ask(name, upstream) for name, upstream in due))
 
     def max_model_len(self, model_id: str, pool: str) -> int | None:
         """As the engine listed the name; else as it listed its model (a ``url`` upstream
         does not know the gateway's aliases)."""
-        return self._lengths.get(model_id) or self._lengths.get(pool)
+        found = self._lengths.get(model_id) or self._lengths.get(pool)
+        return found[1] if found else None
 
     async def _ask(self, name: str, upstream: Upstream) -> None:
         headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
@@ -55,8 +59,13 @@ class EngineModels:
             ) as response:
                 if response.status != 200:
                     return
-                listing: Any = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raw = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    raw += chunk
+                    if len(raw) > _MAX_LIST_BYTES:
+                        return
+                listing: Any = json.loads(raw)
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             log.debug("[%s] no model list from the engine: %r", name, exc)
             return
         # Only the names routed to this engine: a shared upstream may list many more.
@@ -67,5 +76,10 @@ class EngineModels:
             if not isinstance(entry, dict):
                 continue
             model_id, length = entry.get("id"), entry.get("max_model_len")
-            if model_id in ours and type(length) is int and length > 0:
-                self._lengths[model_id] = length
+            if (
+                isinstance(model_id, str)
+                and model_id in ours
+                and type(length) is int
+                and length > 0
+            ):
+                self._lengths[model_id] = (name, length)
