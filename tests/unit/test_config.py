@@ -88,7 +88,7 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"models": {"a": {"lora_modules": {"x=y": "/l"}}}}, "must not contain '='"),
         ({"models": {"a": {"aliases": [""]}}}, """models."a".aliases: '' is not a usable"""),
         ({"models": {"a": {"command": ["serve", "--port", "{prot}"]}}},
-         "models.a: 'command' has unknown placeholder(s) {prot}"),
+         "models.a: 'command' must contain {port}"),
         ({"models": {"a": {"command": ["serve"]}}}, "'command' must contain {port}"),
         ({"models": {"a": {"command": ["s", "{port}"], "vllm_args": ["-x"]}}},
          "'vllm_args' do not apply to a 'command'"),
@@ -135,6 +135,11 @@ def test_valid_repo_ids(name: str) -> None:
 def test_invalid_repo_ids(name: str) -> None:
     with pytest.raises(InvalidModelName):
         check_model_name(name)
+
+
+def test_a_command_may_hold_braces_of_its_own() -> None:
+    shell = ["bash", "-c", 'exec srv --port {port} --dir "${HF_HOME}/x" --extra \'{"k": 1}\'']
+    assert parse_config({"models": {"a": {"command": shell}}}).models["a"].command == shell
 
 
 def test_adapters_and_aliases_of_started_vllm_keep_their_name_upstream() -> None:

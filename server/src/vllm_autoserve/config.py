@@ -23,8 +23,6 @@ MAX_MODEL_NAME = 256
 # starting with a letter or digit (so no leading '-' that could pass for a command-line option).
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")  # not JSON's {"key": ...} in an argument
-_PLACEHOLDERS = frozenset({"port", "model", "host"})
 # A web origin as browsers send it: scheme://host[:port], nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
@@ -164,20 +162,12 @@ class ModelConfig(ModelSettings):
             raise ValueError("'command' and 'url' exclude each other")
         if self.command is not None and not self.command:
             raise ValueError("'command' must not be empty")
-        if self.command is not None:
-            used = set(_PLACEHOLDER.findall(" ".join(self.command)))
-            unknown = sorted(used - _PLACEHOLDERS)
-            if unknown:
-                named = ", ".join("{" + name + "}" for name in unknown)
-                raise ValueError(
-                    f"'command' has unknown placeholder(s) {named}; known: {{port}}, {{model}}, "
-                    "{host}"
-                )
-            if "port" not in used:
-                raise ValueError(
-                    "'command' must contain {port}: the engine must listen on the port the "
-                    "gateway picks for it"
-                )
+        # Other braces are the command's own business (``${HF_HOME}``, JSON, f-strings).
+        if self.command is not None and not any("{port}" in arg for arg in self.command):
+            raise ValueError(
+                "'command' must contain {port}: the engine must listen on the port the "
+                "gateway picks for it"
+            )
         if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
             raise ValueError(f"'url' must be an http(s) URL, got {self.url!r}")
         return self
