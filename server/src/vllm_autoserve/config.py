@@ -130,8 +130,8 @@ class ModelConfig(ModelSettings):
     """Other names clients may use for this model."""
     lora_modules: dict[str, str] = {}
     """LoRA adapters the engine serves, ``{name = "repo id or path"}``: vLLM gets
-    ``--enable-lora --lora-modules name=path``, and requests naming an adapter go to this
-    model's engine with the adapter's name (a ``command`` or ``url`` upstream must know it)."""
+    ``--enable-lora --lora-modules``, and requests naming an adapter go to this model's
+    engine with the adapter's name (a ``command`` or ``url`` upstream must know it)."""
     command: list[str] | None = None
     """Launch this instead of vLLM; ``{port}``, ``{model}`` and ``{host}`` are filled in."""
     url: str | None = None
@@ -150,8 +150,6 @@ class ModelConfig(ModelSettings):
     @classmethod
     def _adapter_paths(cls, value: dict[str, str]) -> dict[str, str]:
         for name, path in value.items():
-            if "=" in name:
-                raise ValueError(f"adapter name {name!r} must not contain '='")
             if not path.strip() or _CONTROL.search(path):
                 raise ValueError(f"adapter {name!r}: {path!r} is not a repo id or path")
         return value

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -55,8 +56,9 @@ def vllm_command(
     if tensor_parallel_size:
         argv += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if lora_modules:
+        # vLLM's JSON form: its ``name=path`` form breaks on a comma in either.
         argv += ["--enable-lora", "--lora-modules"]
-        argv += [f"{name}={path}" for name, path in lora_modules.items()]
+        argv += [json.dumps({"name": name, "path": path}) for name, path in lora_modules.items()]
     return argv + list(extra_args)
 
 
