@@ -424,12 +424,17 @@ def test_max_engines_stops_the_least_recently_used_idle_engine_without_gpus() ->
 def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
     cfg = "[gateway]\nlocal_gpus = 1\nhold_seconds = 1\n"
     cfg += fake_model("a", extra="gpu = 1") + fake_model("b", extra="gpu = 1")
+    cfg += fake_model("c", extra="gpu = 1\nstartup_seconds = 1.5")
     with running_gateway(cfg) as gw, gw.client() as c:
         pinned = c.post("/up", json={"model_path": "a", "min_containers": 1, "wait": 10}).json()
         assert pinned["status"] == "healthy" and pinned["pinned"]
         refused = c.post("/v1/chat/completions", json={"model": "b", **CHAT})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
         assert gw.status()["a"]["state"] == "healthy"
+        # A start that never got its GPU says so, not that its engine was slow.
+        timed_out = c.post("/up", json={"model_path": "c", "wait": 10}).json()
+        assert timed_out["status"] == "failed"
+        assert "still waiting for GPUs or an engine slot" in timed_out["error"]
         c.post("/up", json={"model_path": "a", "min_containers": 0})
         assert c.post("/up", json={"model_path": "b", "wait": 10}).json()["status"] == "healthy"
         assert gw.status()["a"]["state"] == "cold"

@@ -42,23 +42,25 @@ _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
     PoolState.FAILED: frozenset({PoolState.STARTING, PoolState.STOPPING}),
 }
 # Stops the gateway makes on its own: they keep a pin and do not cut held requests short.
-_AUTOMATIC_STOPS = frozenset({"idle", "gateway shutdown", "evicted to free GPUs"})
+_AUTOMATIC_STOPS = frozenset({"idle", "gateway shutdown", "evicted to make room"})
 
 
 class IllegalTransition(RuntimeError):
     pass
 
 
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
+# "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
+_EXCEPTION_LINE = re.compile(r"^(\([^)]*\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
 
 
 def _summary(error: str | None) -> str | None:
-    """An error's first line, and the exception the engine's log tail ends with, if any
-    (what went wrong, at the default log level: ``exited with code 1: OSError: ...``)."""
+    """An error's first line, and the first exception in the engine's log tail, if any (what
+    went wrong, at the default log level: ``exited with code 1: OSError: ...``). The first:
+    vLLM's last is "Engine core initialization failed. See root cause above"."""
     lines = (error or "").strip().splitlines()
     if not lines:
         return None
-    cause = next((line for line in reversed(lines[1:]) if _EXCEPTION_LINE.match(line)), None)
+    cause = next((line for line in lines[1:] if _EXCEPTION_LINE.match(line)), None)
     return f"{lines[0]}: {cause.strip()}" if cause else lines[0]
 
 

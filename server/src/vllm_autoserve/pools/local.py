@@ -60,6 +60,7 @@ class LocalPool(Pool):
         self._neighbours = neighbours
         self._engine: EngineProcess | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._awaiting_slot = False
         self.on_idle = slots.wake
 
     # -- launch ---------------------------------------------------------------------------
@@ -97,7 +98,9 @@ class LocalPool(Pool):
         if self._watcher is not None:  # the clean-up after an engine that died
             await asyncio.wait({self._watcher})  # however it ends; this task stays cancellable
         count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
+        self._awaiting_slot = True  # stays so if the startup deadline cuts the wait short
         devices = await self._slots.acquire(self.name, count, self._neighbours)
+        self._awaiting_slot = False
         port = free_port(ENGINE_HOST)
         api_key = secrets.token_urlsafe(24)
         argv, extra_env = self._argv(port)
@@ -139,6 +142,11 @@ class LocalPool(Pool):
         self._slots.release(self.name)
 
     def _log_tail(self) -> str:
+        if self._awaiting_slot:
+            return (
+                "it was still waiting for GPUs or an engine slot ([gateway] max_engines): the "
+                "engines that hold them are busy or pinned"
+            )
         return self._engine.log_tail() if self._engine else ""
 
     def at_rest(self) -> bool:
@@ -162,7 +170,7 @@ class LocalPool(Pool):
         return None
 
     def evict(self) -> asyncio.Future[object]:
-        return asyncio.ensure_future(self.down("evicted to free GPUs"))
+        return asyncio.ensure_future(self.down("evicted to make room"))
 
 
 class LocalPools(Pools):
@@ -170,9 +178,7 @@ class LocalPools(Pools):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.slots = EngineSlots(
-            detect_gpus(config.gateway.local_gpus), config.gateway.max_engines
-        )
+        self.slots = EngineSlots(detect_gpus(config.gateway.local_gpus), config.gateway.max_engines)
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:

@@ -16,7 +16,7 @@ from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
-_LISTED_UNLISTED = frozenset({PoolState.STARTING, PoolState.HEALTHY})
+_RUNNING = frozenset({PoolState.STARTING, PoolState.HEALTHY})
 
 
 class Pools(ABC):
@@ -115,7 +115,7 @@ class Pools(ABC):
             )
         for name, pool in self._pools.items():
             # Unlisted models while they run; a failed name stays in /status, not in pickers.
-            if name not in self.config.models and pool.state in _LISTED_UNLISTED:
+            if name not in self.config.models and pool.state in _RUNNING:
                 entries.append(ModelEntry(id=name, root=name, created=self._created))
         return entries
 
