@@ -105,7 +105,7 @@ class LocalPool(Pool):
         api_key = secrets.token_urlsafe(24)
         argv, extra_env = self._argv(port)
         env = engine_environment({**extra_env, **(self.settings.env or {})}, api_key)
-        if self._slots.enabled:
+        if self._slots.hands_out_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         engine = EngineProcess(
             self.name,

@@ -51,6 +51,8 @@ class Pools(ABC):
         return self.config.resolve(requested)
 
     def get(self, name: str) -> Pool:
+        """The model's pool, made on first use, for a request or call that uses it now (which
+        keeps it from being forgotten for a while: see ``find`` for a mere look-up)."""
         pool = self._pools.get(name)
         if pool is None:
             pool = self._pools[name] = self._create(name, self.config.model(name))

@@ -73,7 +73,7 @@ class EngineSlots:
         self._released = asyncio.Event()
 
     @property
-    def enabled(self) -> bool:
+    def hands_out_gpus(self) -> bool:
         """Whether GPUs are handed out (``CUDA_VISIBLE_DEVICES`` is set for engines)."""
         return bool(self.devices)
 
@@ -95,7 +95,7 @@ class EngineSlots:
     ) -> list[int]:
         """Take a slot and ``count`` devices for ``name``, evicting idle engines or waiting
         if needed."""
-        if not self.enabled:
+        if not self.hands_out_gpus:
             count = 0  # a host without GPUs runs engines on none
         if count == 0 and self.max_engines is None:
             return []
