@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -199,27 +200,30 @@ def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
         assert "ASGI callable returned without completing" not in log  # cut on purpose
 
 
+def _stream_chat(gateway: Gateway, model: str, chunks: list[bytes]) -> int:
+    """A streamed chat answer from ``model``, chunk by chunk into ``chunks``; its status."""
+    with (
+        gateway.client() as own,
+        own.stream(
+            "POST", "/v1/chat/completions", json={"model": model, "stream": True, **CHAT}
+        ) as response,
+    ):
+        for chunk in response.iter_raw():
+            chunks.append(chunk)
+    return response.status_code
+
+
 def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
     cfg = fake_model("m", "--chunks", "20", "--chunk-delay", "0.1")
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
-        result: dict[str, bytes] = {}
-
-        def consume() -> None:
-            with (
-                gw.client() as own,
-                own.stream(
-                    "POST", "/v1/chat/completions", json={"model": "m", "stream": True, **CHAT}
-                ) as response,
-            ):
-                result["body"] = b"".join(response.iter_raw())
-
-        reader = threading.Thread(target=consume)
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=_stream_chat, args=(gw, "m", chunks))
         reader.start()
         time.sleep(0.5)
         gw.process.send_signal(signal.SIGTERM)
         reader.join(20)
-        assert result["body"].endswith(b"data: [DONE]\n\n")
+        assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
         assert gw.process.wait(20) in (0, -signal.SIGTERM)
 
 
@@ -248,17 +252,8 @@ def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left
                 answers.append(own.post("/up", json={"model_path": "cold", "wait": 60}))
 
         def stream() -> None:
-            with (
-                gw.client() as own,
-                own.stream(
-                    "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
-                ) as response,
-            ):
-                try:
-                    for chunk in response.iter_raw():
-                        streamed.append(chunk)
-                except httpx.HTTPError:
-                    pass  # cut, as it must be
+            with contextlib.suppress(httpx.HTTPError):  # cut, as it must be
+                _stream_chat(gw, "warm", streamed)
 
         threads = [threading.Thread(target=held) for _ in range(2)]
         threads += [threading.Thread(target=stream), threading.Thread(target=long_poll)]
@@ -309,14 +304,7 @@ def test_at_shutdown_waits_for_a_cold_start_end_at_once_and_generations_finish()
                 events.append((answer.json()["error"]["code"], answer.status_code))
 
         def stream() -> None:
-            with (
-                gw.client() as own,
-                own.stream(
-                    "POST", "/v1/chat/completions", json={"model": "warm", "stream": True, **CHAT}
-                ) as response,
-            ):
-                streamed.extend(response.iter_raw())
-            events.append(("stream finished", response.status_code))
+            events.append(("stream finished", _stream_chat(gw, "warm", streamed)))
 
         threads = [threading.Thread(target=f) for f in (stream, held, long_poll)]
         for thread in threads:
