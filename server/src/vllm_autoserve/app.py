@@ -248,33 +248,9 @@ class GatewayApp:
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, _header(scope, b"content-length")
             )
-            headers: list[tuple[bytes, bytes]] = scope["headers"]
-            if stored_responses.names_one(path):  # a stored response, by its id
-                model = self.stored.model_of(path)
-                found = self.pools.find(model)
-                if found is None or found.state is not PoolState.HEALTHY:
-                    raise NotFound(
-                        f"the engine of '{model}' that stored this response has stopped since, "
-                        "and the response with it",
-                        code="response_not_found",
-                    )
-                pool = found
-            else:
-                content_type = _header(scope, b"content-type")
-                requested, form_value = model_of(body, content_type)
-                if form_value is None and not _is_json(content_type):
-                    # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told too.
-                    headers = _with_json_content_type(headers)
-                try:
-                    model = self.pools.resolve(requested)
-                except ModelNotFound:
-                    asked = requested  # a well-formed name: the access line says what was asked
-                    raise
-                if model != requested and requested not in self._sent_as_is:
-                    body = with_model(body, model, form_value)
-                pool = self.pools.get(model)
-                if route == "/v1/responses":
-                    outcome.note_head = functools.partial(self.stored.note, model=model)
+            model, pool, body, headers = self._route(scope, path, body)
+            if route == "/v1/responses":
+                outcome.note_head = functools.partial(self.stored.note, model=model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
             gone = watch.gone
             try:
@@ -297,6 +273,8 @@ class GatewayApp:
         except ClientGone:
             outcome.client_gone = True
         except GatewayError as error:
+            if isinstance(error, ModelNotFound):
+                asked = error.asked
             await _answer_error(send, error, outcome)
         except asyncio.CancelledError:
             # uvicorn cancels what still runs when drain_seconds are over: say so, rather
@@ -320,6 +298,35 @@ class GatewayApp:
                     client=scope["client"][0] if scope.get("client") else "-",
                 )
             )
+
+    def _route(
+        self, scope: Scope, path: str, body: bytes
+    ) -> tuple[str, Pool, bytes, list[tuple[bytes, bytes]]]:
+        """The model a request goes to, its pool, and the body and headers it goes with."""
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if stored_responses.names_one(path):  # a stored response, by its id
+            model = self.stored.model_of(path)
+            pool = self.pools.find(model)
+            if pool is None or pool.state is not PoolState.HEALTHY:
+                raise NotFound(
+                    f"the engine of '{model}' that stored this response has stopped since, "
+                    "and the response with it",
+                    code="response_not_found",
+                )
+            return model, pool, body, headers
+        content_type = _header(scope, b"content-type")
+        requested, form_value = model_of(body, content_type)
+        if form_value is None and not _is_json(content_type):
+            # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.
+            headers = _with_json_content_type(headers)
+        try:
+            model = self.pools.resolve(requested)
+        except ModelNotFound as error:
+            error.asked = requested  # a well-formed name: the access line says what was asked
+            raise
+        if model != requested and requested not in self._sent_as_is:
+            body = with_model(body, model, form_value)
+        return model, self.pools.get(model), body, headers
 
     async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
         """The pool's upstream, holding the request while it starts; None if the client left."""

@@ -101,6 +101,8 @@ class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+    asked: str | None = None
+    """The name asked for (a well-formed one), for the access line."""
 
 
 class NotFound(GatewayError):
