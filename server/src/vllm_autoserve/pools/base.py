@@ -208,7 +208,7 @@ class Pool(ABC):
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            tail = self._log_tail()  # before the engine, and its output, are gone
+            tail = self._start_account()  # before the engine, and its output, are gone
             await self._terminate()
             self._move(
                 PoolState.FAILED,
@@ -228,7 +228,8 @@ class Pool(ABC):
             self.last_active = time.monotonic()
             self._move(PoolState.HEALTHY, reason="engine healthy")
 
-    def _log_tail(self) -> str:
+    def _start_account(self) -> str:
+        """What a start cut short by its deadline had got to (the engine's last output)."""
         return ""
 
     def _engine_died(self, error: str) -> None:

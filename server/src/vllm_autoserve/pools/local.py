@@ -141,7 +141,7 @@ class LocalPool(Pool):
             await engine.stop()
         self._slots.release(self.name)
 
-    def _log_tail(self) -> str:
+    def _start_account(self) -> str:
         if self._awaiting_slot:
             return (
                 "it was still waiting for GPUs or an engine slot ([gateway] max_engines): the "
