@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TextIO
 
 import httpx2
 from openai import (
@@ -282,6 +282,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console(stream: TextIO) -> Console:
+    """Piped, the output is for other programs: no terminal width to fit, nothing cut."""
+    stderr = stream is sys.stderr
+    return Console(stderr=stderr) if stream.isatty() else Console(stderr=stderr, width=1000)
+
+
 def _version() -> str:
     try:
         return version("vllm-autoserve-client")
@@ -294,9 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("base_url", "api_key", "timeout"):
         if not hasattr(args, name):
             setattr(args, name, None)
-    # Piped, the output is for other programs: no terminal width to fit, nothing cut.
-    out = Console() if sys.stdout.isatty() else Console(width=1000)
-    err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=1000)
+    out, err = _console(sys.stdout), _console(sys.stderr)
     try:
         args.run(args, out, err)
     except KeyboardInterrupt:
