@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import modal
 import pytest
 from modal._partial_function import _find_partial_methods_for_user_cls, _PartialFunctionFlags
 from modal._utils.async_utils import synchronizer
@@ -210,3 +211,23 @@ def test_gateway_body_builds_the_app_over_modal_pools(
     assert isinstance(asgi.pools.state, LiveDict)
     assert isinstance(asgi.pools.engines, LiveEngines)
     assert asgi.config.gateway.hold_seconds == 140
+
+
+def test_the_engine_key_is_read_daily_so_that_modal_never_drops_it(
+    load: Callable[[str | None], ModuleType], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from tests.modal.fakes import FakeDict
+
+    gateway = load(CONFIG)
+    schedule = options(gateway.keep_engine_key)["schedule"]
+    assert schedule.proto_message == modal.Period(days=1).proto_message
+
+    state = FakeDict()
+    monkeypatch.setattr(gateway, "LiveDict", lambda: state)
+    asyncio.run(gateway.keep_engine_key.local())  # the first run creates it
+    key = state.data["engine-key"]
+    assert isinstance(key, str) and len(key) >= 32
+    asyncio.run(gateway.keep_engine_key.local())  # later runs keep it
+    assert state.data["engine-key"] == key

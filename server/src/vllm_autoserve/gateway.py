@@ -47,7 +47,8 @@ log = logging.getLogger("vllm_autoserve.gateway")
 
 MINUTES = 60  # seconds
 VLLM_VERSION = "0.33.0"  # pinned: engine flags and behaviour change between releases
-CUDA_IMAGE = "nvidia/cuda:12.9.1-devel-ubuntu22.04"  # toolkit for vLLM's JIT kernels
+# The toolkit for vLLM's JIT kernels: the CUDA of the torch that vLLM pins (a test checks).
+CUDA_IMAGE = "nvidia/cuda:13.0.0-devel-ubuntu22.04"
 PYTHON_VERSION = "3.12"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 VLLM_CACHE_PATH = "/root/.cache/vllm"
@@ -253,6 +254,17 @@ def gateway() -> GatewayApp:
     return app
 
 
+# ## Upkeep
+
+
+@app.function(image=gateway_image, schedule=modal.Period(days=1))
+async def keep_engine_key() -> None:
+    """Read the engines' key once a day: Modal drops a Dict entry after 7 days unread, and
+    an engine restored from a memory snapshot keeps the key it was snapshotted with, so a new
+    key would lock the gateway out of it."""
+    await engine_key(LiveDict())
+
+
 # ## Smoke test of the deployment
 
 
@@ -262,11 +274,14 @@ def smoke(model: str = "Qwen/Qwen3-0.6B", prompt: str = "Say hi in five words.")
     chat once (``VLLM_GATEWAY_AUTH`` holds the key)."""
     from vllm_autoserve_client import AutoserveClient
 
-    from .auth import AUTH_ENV
+    from .auth import keys_from_env
 
     url = modal.Function.from_name(APP_NAME, "gateway").get_web_url()
     print(f"gateway: {url}")
-    client = AutoserveClient(model=model, base_url=f"{url}/v1", api_key=os.environ[AUTH_ENV])
+    keys = keys_from_env()  # several while keys are rotated: any one of them will do
+    if not keys:
+        raise SystemExit("set VLLM_GATEWAY_AUTH to the gateway's key")
+    client = AutoserveClient(model=model, base_url=f"{url}/v1", api_key=keys[0])
     answer = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}]
     )

@@ -38,6 +38,7 @@ lost. ``vllm_args = ["--no-enforce-eager"]`` in the configuration turns it back 
 takes the last occurrence of a flag)."""
 SLEEP_MODE_ARGS = ("--enable-sleep-mode",)
 SLEEP_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes /sleep and /wake_up
+REPORT_MARGIN_SECONDS = 60.0  # between the engine's start deadline and Modal's
 
 
 def engine_argv(
@@ -80,7 +81,11 @@ class ContainerEngine:
         self.model = model
         self.port = port
         self.api_key = api_key
-        self.startup_seconds = config.model(model).startup_seconds or config.gateway.startup_seconds
+        configured = config.model(model).startup_seconds or config.gateway.startup_seconds
+        # Modal kills a container whose start outlasts the class's startup_timeout (the same
+        # setting); the engine's own deadline comes first, leaving time to stop vLLM and
+        # report why it failed.
+        self.startup_seconds = max(configured - REPORT_MARGIN_SECONDS, configured / 2)
         default_argv, extra_env = engine_argv(config, model, port=port, sleep_mode=sleep_mode)
         self.process = EngineProcess(
             model,
