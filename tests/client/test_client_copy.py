@@ -90,3 +90,17 @@ def test_code_typed_for_the_sdk_type_checks_with_our_clients() -> None:
     here = Path(__file__).parent
     stdout, stderr, status = api.run(["--strict", str(here / "typed_usage.py")])
     assert status == 0, stdout + stderr
+
+
+def test_misspelt_sdk_arguments_fail_type_checking_as_with_the_sdk() -> None:
+    from mypy import api
+
+    path = Path(__file__).parent / "misspelt_usage.py"
+    marked = {
+        number
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "# error:" in line
+    }
+    stdout, _, _ = api.run(["--strict", "--no-incremental", str(path)])
+    flagged = {int(line.split(":")[1]) for line in stdout.splitlines() if ": error:" in line}
+    assert flagged == marked, stdout

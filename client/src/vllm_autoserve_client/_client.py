@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from . import _resources
 from ._base import AutoserveBase, json_object, up_answer, up_body, up_not_found, up_options
+from ._options import AsyncClientOptions, AsyncCopyOptions, ClientOptions, CopyOptions
 from ._ready import ReadyState
 from ._requests import (
     MODEL_EXTENSION,
@@ -63,7 +64,7 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         api_key: str | Callable[[], str] | None = None,
         base_url: str | httpx2.URL | None = None,
         _ready: ReadyState | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[ClientOptions],
     ) -> None:
         url = resolve_base_url(None if base_url is None else str(base_url))
         key = api_key if callable(api_key) else resolve_api_key(api_key)
@@ -78,7 +79,7 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         up_timeout: float | None = None,
         on_wait: WaitCallback | None = None,
         _extra_kwargs: Mapping[str, Any] = {},
-        **kwargs: Any,
+        **kwargs: Unpack[CopyOptions],
     ) -> Self:
         """A new client with the same options, some overridden; it shares the ready-state."""
         return super().copy(
@@ -221,7 +222,7 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
         api_key: str | Callable[[], Awaitable[str]] | None = None,
         base_url: str | httpx2.URL | None = None,
         _ready: ReadyState | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[AsyncClientOptions],
     ) -> None:
         url = resolve_base_url(None if base_url is None else str(base_url))
         key = api_key if callable(api_key) else resolve_api_key(api_key)
@@ -236,7 +237,7 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
         up_timeout: float | None = None,
         on_wait: WaitCallback | None = None,
         _extra_kwargs: Mapping[str, Any] = {},
-        **kwargs: Any,
+        **kwargs: Unpack[AsyncCopyOptions],
     ) -> Self:
         """A new client with the same options, some overridden; it shares the ready-state."""
         return super().copy(
