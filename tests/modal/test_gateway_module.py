@@ -27,6 +27,7 @@ from vllm_autoserve.modal_layout import class_for, engine_shape
 CONFIG = """
 [gateway]
 hold_seconds = 300
+max_up_wait_seconds = 600
 idle_seconds = 600
 startup_seconds = 900
 min_containers = 1
@@ -184,7 +185,9 @@ def test_gateway_function_settings(
 ) -> None:
     with caplog.at_level(logging.WARNING):
         gateway = load(CONFIG)
-    assert gateway.GATEWAY_CONFIG.gateway.hold_seconds == 140  # clamped under Modal's 150 s
+    # Clamped under Modal's 150 s, after which a request is answered with a redirect.
+    assert gateway.GATEWAY_CONFIG.gateway.hold_seconds == 140
+    assert gateway.GATEWAY_CONFIG.gateway.max_up_wait_seconds == 140
     assert "hold_seconds = 300" in caplog.text
     spec = service_function(gateway.gateway)._spec
     assert [repr(s) for s in spec.secrets] == ["modal.Secret.from_name('vllm-gateway-auth')"]

@@ -52,7 +52,7 @@ class GatewaySettings(_Strict):
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0
     """On SIGTERM, requests in flight get this long to finish before engines are stopped."""
     max_up_wait_seconds: PositiveSeconds = 120.0
-    """Upper bound for the ``wait`` long-poll of ``/up``."""
+    """Upper bound for the ``wait`` long-poll of ``/up`` (on Modal at most 140)."""
     max_body_bytes: Annotated[int, Field(gt=0)] = 32 * 1024 * 1024
     """Larger request bodies are refused with 413."""
     client_header_seconds: PositiveSeconds = 30.0

@@ -27,8 +27,6 @@ from .errors import (
 from .pools.registry import Pools
 from .pools.status import ModelEntry, PoolState
 
-_MODAL_SAFE_WAIT = 140.0  # stay under a web request's 150 s limit on Modal
-
 
 class UpRequest(BaseModel):
     # Strict: `true` is not a count of containers, nor "inf" a number of seconds.
@@ -89,9 +87,6 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
             return _error_response(NotFound("no such route"))
         return _error_response(BadRequest(str(exc.detail)))
 
-    def max_wait() -> float:
-        return min(config.gateway.max_up_wait_seconds, _MODAL_SAFE_WAIT)
-
     @app.post("/up")
     @app.post("/v1/up", include_in_schema=False)
     async def up(request: UpRequest) -> dict[str, Any]:
@@ -100,7 +95,7 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         pool = pools.get(name)
         if request.min_containers is not None:
             await pool.pin(request.min_containers)
-        status = await pool.up(min(request.wait, max_wait()))
+        status = await pool.up(min(request.wait, config.gateway.max_up_wait_seconds))
         return status.as_json()
 
     @app.post("/down")

@@ -120,10 +120,6 @@ class EngineProcess:
         self._exit_line = exit_line(self._exit_token)
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
 

@@ -78,15 +78,21 @@ def _load() -> tuple[Config, str | None]:
 
 
 def gateway_config(config: Config) -> Config:
-    """The configuration the gateway runs with: ``hold_seconds`` kept under Modal's 150 s
-    web limit (a request held longer would be answered with a redirect, not a 503)."""
-    hold = config.gateway.hold_seconds
-    if hold <= SAFE_HOLD:
-        return config
-    log.warning(
-        "[gateway] hold_seconds = %g is over Modal's 150 s web limit; using %g", hold, SAFE_HOLD
-    )
-    settings = config.gateway.model_copy(update={"hold_seconds": SAFE_HOLD})
+    """The configuration the gateway runs with: ``hold_seconds`` and ``/up``'s longest wait
+    kept under Modal's 150 s web limit (a longer wait is answered with a redirect, not with
+    the gateway's own 503 or status)."""
+    gateway = config.gateway
+    if gateway.hold_seconds > SAFE_HOLD:
+        log.warning(
+            "[gateway] hold_seconds = %g is over Modal's 150 s web limit; using %g",
+            gateway.hold_seconds,
+            SAFE_HOLD,
+        )
+    clamped = {
+        "hold_seconds": min(gateway.hold_seconds, SAFE_HOLD),
+        "max_up_wait_seconds": min(gateway.max_up_wait_seconds, SAFE_HOLD),
+    }
+    settings = gateway.model_copy(update=clamped)
     return config.model_copy(update={"gateway": settings})
 
 

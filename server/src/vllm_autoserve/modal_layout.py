@@ -42,10 +42,9 @@ DEFAULT_GPU = "H100"
 DEFAULT_MAX_INPUTS = 32
 ENGINE_PORT = 8000
 DEFAULT_CLASS = "Engine"
-MODAL_WEB_LIMIT = 150.0
-"""Modal answers a web request that has not started its response after 150 s with a 303."""
 SAFE_HOLD = 140.0
-"""Longest hold that still answers before Modal's redirect."""
+"""Longest wait that still answers before Modal's redirect (a web request that has not
+started its response after 150 s is answered with a 303)."""
 ENGINE_KEY = "engine-key"
 
 
@@ -69,11 +68,6 @@ class EngineShape:
     startup_seconds: int
     max_containers: int | None
     memory_snapshot: bool
-
-    @property
-    def gpu_count(self) -> int:
-        _, _, count = self.gpu.partition(":")
-        return int(count or 1)
 
 
 def modal_gpu(spec: str | int | None, tensor_parallel_size: int | None = None) -> str:
