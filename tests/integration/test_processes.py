@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.support.fake_engine import FAKE_ENGINE
@@ -192,12 +193,36 @@ def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
                 for chunk in response.iter_raw():
                     received += chunk
         assert b"[DONE]" not in received
-        assert b"upstream_disconnected" in received
+        assert b'"param":null,"code":"upstream_disconnected"' in received  # OpenAI's format
         assert b"127.0.0.1" not in received  # the engine's address stays in the gateway
         wait_for(lambda: gw.status()["m"]["state"] == "failed")
         log = gw.log()
         assert "broke off its answer" in log
         assert "ASGI callable returned without completing" not in log  # cut on purpose
+
+
+def test_a_stream_cut_inside_an_event_still_ends_in_an_error_the_sdk_reads() -> None:
+    """The error event went out glued to the half event: the SDK raised a JSONDecodeError
+    instead of an APIError saying that the engine broke off."""
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0\n" + fake_model(
+        "m", "--chunks", "6", "--split-events", "--die-mid-stream", "3"
+    )
+    with running_gateway(cfg) as gw:
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0)
+        pieces: list[str] = []
+        with pytest.raises(openai.APIError, match="broke off the stream"):
+            for chunk in sdk.chat.completions.create(model="m", stream=True, **CHAT):
+                pieces.append(chunk.choices[0].delta.content or "")
+        assert len(pieces) == 3  # every whole event before the cut, intact
+
+
+def test_events_that_arrive_in_pieces_go_out_whole_and_the_stream_ends_complete() -> None:
+    with running_gateway(fake_model("m", "--chunks", "4", "--split-events")) as gw:
+        chunks: list[bytes] = []
+        assert _stream_chat(gw, "m", chunks) == 200
+    body = b"".join(chunks)
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"data: ") == 5
+    assert all(chunk.endswith(b"\n\n") for chunk in chunks if chunk)
 
 
 def _stream_chat(gateway: Gateway, model: str, chunks: list[bytes]) -> int:

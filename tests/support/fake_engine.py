@@ -1,7 +1,7 @@
 """A fake OpenAI-compatible engine with fault knobs, launched by the gateway as a ``command``.
 
     python fake_engine.py --port 8001 [--startup-delay 2] [--fail-at-start "msg"]
-        [--die-after N] [--chunks 5 --chunk-delay 0.05] [--die-mid-stream K]
+        [--die-after N] [--chunks 5 --chunk-delay 0.05] [--die-mid-stream K] [--split-events]
         [--hang-at-start] [--ignore-sigterm] [--spawn-child [--stubborn-child]] [--pid-file F]
 
 Like vLLM, it requires ``Authorization: Bearer $VLLM_API_KEY`` when that variable is set
@@ -183,6 +183,9 @@ class Engine:
         try:
             for i, piece in enumerate(pieces):
                 if self.args.die_mid_stream and i == self.args.die_mid_stream:
+                    if self.args.split_events:  # half an event, then nothing
+                        await response.write(b'data: {"id": "cmpl-fake", "obj')
+                        await asyncio.sleep(0.1)
                     os._exit(4)
                 delta = (
                     {"delta": {"content": piece}, "index": 0, "finish_reason": None}
@@ -196,16 +199,23 @@ class Engine:
                     "model": model,
                     "choices": [delta],
                 }
-                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await self.write_event(response, b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if self.args.chunk_delay:
                     await asyncio.sleep(self.args.chunk_delay)
-            await response.write(b"data: [DONE]\n\n")
+            await self.write_event(response, b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self.cancelled += 1
             raise
         self.completed_streams += 1
         return response
+
+    async def write_event(self, response: web.StreamResponse, event: bytes) -> None:
+        if self.args.split_events:  # as a remote upstream may: an event in two reads
+            await response.write(event[: len(event) // 2])
+            await asyncio.sleep(0.02)
+            event = event[len(event) // 2 :]
+        await response.write(event)
 
     async def transcriptions(self, request: web.Request) -> web.Response:
         """Says what it was sent: the model, the language and the audio's size."""
@@ -248,6 +258,11 @@ def main() -> None:
     parser.add_argument("--die-after", type=int, default=0)
     parser.add_argument("--die-mid-stream", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=5)
+    parser.add_argument(
+        "--split-events",
+        action="store_true",
+        help="write every event in two halves (with --die-mid-stream K: die after half of K)",
+    )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--chunk-delay", type=float, default=0.0)
     parser.add_argument(

@@ -400,7 +400,7 @@ async def _answer_shutdown(send: Send, outcome: Forwarded) -> None:
         if outcome.status == 0:
             await _answer_error(send, ShuttingDown(), outcome)
         elif outcome.stream:
-            event = b"data: " + orjson.dumps(ShuttingDown().body()) + b"\n\n"
+            event = ShuttingDown().sse_event()
             await send({"type": "http.response.body", "body": event, "more_body": True})
             outcome.upstream_broke = True
 

@@ -9,13 +9,20 @@ connection, an engine that exited) are mapped to one of these once, where they h
     ├── Unauthorized                  401     authentication_error     invalid_api_key
     ├── Forbidden                     403     permission_error         forbidden
     ├── ModelNotFound                 404     invalid_request_error    model_not_found
+    ├── NotFound                      404     invalid_request_error    not_found   (no such route)
+    ├── MethodNotAllowed              405     invalid_request_error    method_not_allowed (+ Allow)
     ├── RequestTimeout                408     invalid_request_error    request_timeout
     ├── PayloadTooLarge               413     invalid_request_error    payload_too_large
     ├── HeadersTooLarge               431     invalid_request_error    request_header_fields_too_large
     ├── ModelNotReady                 503     service_unavailable      model_not_ready  (+ Retry-After)
     ├── ModelFailed                   503     engine_error             model_failed     (+ Retry-After)
     ├── ShuttingDown                  503     service_unavailable      gateway_shutting_down (+ Retry-After)
-    └── UpstreamUnavailable           502     engine_error             upstream_unavailable
+    ├── UpstreamUnavailable           502     engine_error             upstream_unavailable
+    └── UpstreamDisconnected          (200)   engine_error             upstream_disconnected
+
+A stream that breaks off after its first bytes cannot change its status any more: its error
+(``UpstreamDisconnected``, or ``ShuttingDown``) goes out as the stream's last event,
+``sse_event()``.
 
 ``ConfigError`` is separate: it stops start-up and never reaches a client.
 """
@@ -65,6 +72,10 @@ class GatewayError(Exception):
 
     def body_bytes(self) -> bytes:
         return orjson.dumps(self.body())
+
+    def sse_event(self) -> bytes:
+        """The error as a server-sent event, for a stream already under way."""
+        return b"data: " + self.body_bytes() + b"\n\n"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
@@ -178,3 +189,11 @@ class UpstreamUnavailable(GatewayError):
     status = 502
     type = "engine_error"
     code = "upstream_unavailable"
+
+
+class UpstreamDisconnected(GatewayError):
+    """The engine broke off a stream it had started; sent only as the stream's last event."""
+
+    status = 502
+    type = "engine_error"
+    code = "upstream_disconnected"

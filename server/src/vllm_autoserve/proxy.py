@@ -17,11 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
 
-import orjson
-
 from . import metrics
 from .asgi import Send
-from .errors import BadRequest, UpstreamUnavailable
+from .errors import BadRequest, UpstreamDisconnected, UpstreamUnavailable
 from .pools.base import Upstream
 from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
@@ -222,6 +220,7 @@ class Proxy:
         if result.stream:
             metrics.child(metrics.OPEN_STREAMS, label).inc()
         await send({"type": "http.response.start", "status": response.status, "headers": raw})
+        unfinished = b""  # a stream's event whose end has not arrived yet: held back
         try:
             while chunk := await response.read():
                 result.bytes_out += len(chunk)
@@ -230,8 +229,13 @@ class Proxy:
                         result.note_head(chunk[:4096])
                     result.note_head = None
                 if response.drained:  # the last chunk: end the body with it, one write
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    body = unfinished + chunk
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
                     return
+                if result.stream:
+                    chunk, unfinished = _whole_events(unfinished + chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
             if gone.done():
@@ -245,20 +249,16 @@ class Proxy:
                 exc,
             )
             if result.stream:
-                # Say why in the stream itself, then end the connection without the final
-                # chunk so that no client can take the cut answer for a complete one.
-                error = {
-                    "error": {
-                        "message": f"the engine serving '{label}' broke off the stream",
-                        "type": "engine_error",
-                        "code": "upstream_disconnected",
-                    }
-                }
+                # Say why in the stream itself, after the last whole event (a half one would
+                # make the client's parser fail before it reads why), then end the connection
+                # without the final chunk so that no client can take the cut answer for a
+                # complete one.
+                error = UpstreamDisconnected(f"the engine serving '{label}' broke off the stream")
                 with contextlib.suppress(OSError):
                     await send(
                         {
                             "type": "http.response.body",
-                            "body": b"data: " + orjson.dumps(error) + b"\n\n",
+                            "body": error.sse_event(),
                             "more_body": True,
                         }
                     )
@@ -266,7 +266,23 @@ class Proxy:
         if gone.done():
             result.client_gone = True
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": unfinished, "more_body": False})
+
+
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a blank line ends a server-sent event
+_MAX_UNFINISHED = 1 << 20  # a longer "event" is no event: pass it on as it is
+
+
+def _whole_events(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` split after its last complete server-sent event: (to send, to hold back)."""
+    if data.endswith(b"\n\n") or len(data) > _MAX_UNFINISHED:  # vLLM's chunks: whole events
+        return data, b""
+    end = 0
+    for ending in _EVENT_ENDS:
+        at = data.rfind(ending)
+        if at >= 0:
+            end = max(end, at + len(ending))
+    return data[:end], data[end:]
 
 
 def _end_to_end(
