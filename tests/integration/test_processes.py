@@ -180,6 +180,27 @@ def test_client_disconnect_closes_the_upstream_request() -> None:
         assert gw.status()["m"]["in_flight"] == 0
 
 
+def test_an_engine_alive_but_dropping_every_connection_is_stopped_and_started_anew(
+    tmp_path: Path,
+) -> None:
+    """It stayed healthy for good: every request got a 502, and it never went idle."""
+    pid_file = tmp_path / "pids"
+    cfg = "[gateway]\nfailure_cooldown_seconds = 0\n" + fake_model(
+        "m", "--wedge-after", "1", "--pid-file", str(pid_file)
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        first = engine_pids(pid_file)
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 502
+        wait_for(lambda: gw.status()["m"]["state"] == "failed", timeout=15)
+        assert "stopped answering" in str(gw.status()["m"]["error"])
+        wait_for(lambda: not alive(first), timeout=15)  # the wedged process is gone
+        pid_file.unlink()
+        # The next request starts a fresh engine, which answers.
+        assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        assert engine_pids(pid_file) != first
+
+
 def test_engine_dying_mid_stream_is_an_error_not_a_complete_answer() -> None:
     cfg = "[gateway]\nfailure_cooldown_seconds = 0\n" + fake_model(
         "m", "--chunks", "20", "--chunk-delay", "0.05", "--die-mid-stream", "5"

@@ -2,6 +2,7 @@
 
     python fake_engine.py --port 8001 [--startup-delay 2] [--fail-at-start "msg"]
         [--die-after N] [--chunks 5 --chunk-delay 0.05] [--die-mid-stream K] [--split-events]
+        [--wedge-after N]
         [--hang-at-start] [--ignore-sigterm] [--spawn-child [--stubborn-child]] [--pid-file F]
 
 Like vLLM, it requires ``Authorization: Bearer $VLLM_API_KEY`` when that variable is set
@@ -62,7 +63,17 @@ class Engine:
         if self.args.die_after and self.requests > self.args.die_after:
             os._exit(3)
 
+    def wedged(self, request: web.Request) -> bool:
+        """Past ``--wedge-after N`` requests: alive, but every connection is dropped."""
+        if self.args.wedge_after and self.requests >= self.args.wedge_after:
+            assert request.transport is not None
+            request.transport.abort()
+            return True
+        return False
+
     async def health(self, request: web.Request) -> web.Response:
+        if self.wedged(request):
+            return web.Response()
         return web.Response(text="")
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -103,6 +114,8 @@ class Engine:
         denied = self.check_auth(request)
         if denied:
             return denied
+        if self.wedged(request):
+            return web.Response()
         self.count()
         if request.method == "GET":  # the redirected call of --modal-redirect
             return web.json_response(
@@ -257,6 +270,12 @@ def main() -> None:
     parser.add_argument("--hang-at-start", action="store_true")
     parser.add_argument("--die-after", type=int, default=0)
     parser.add_argument("--die-mid-stream", type=int, default=0)
+    parser.add_argument(
+        "--wedge-after",
+        type=int,
+        default=0,
+        help="after N requests stay alive but drop every connection, /health's too",
+    )
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument(
         "--split-events",

@@ -198,7 +198,7 @@ class EngineProcess:
         while True:
             if self._exited.done():
                 raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
-            if await self._health_ok(session):
+            if await self.answers_health(session):
                 if not self.own_listener or await asyncio.to_thread(self._owns_port) is not False:
                     return
                 if not warned:
@@ -234,7 +234,8 @@ class EngineProcess:
             return None
         return False
 
-    async def _health_ok(self, session: aiohttp.ClientSession) -> bool:
+    async def answers_health(self, session: aiohttp.ClientSession) -> bool:
+        """Whether ``/health`` answers 200 within 5 s."""
         try:
             timeout = aiohttp.ClientTimeout(total=5)
             async with session.get(self.health_url, timeout=timeout) as resp:

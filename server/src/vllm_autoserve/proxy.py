@@ -1,9 +1,10 @@
 """Streaming pass-through of one request to one upstream.
 
 Pooled keep-alive connections (``upstream_http``) for the gateway's lifetime; bytes go
-through as they arrive (no re-encoding, no decompression, no buffering beyond the socket's);
-the gateway's own key is replaced by the engine's; when the client goes away the upstream
-connection is closed at once, which makes vLLM abort the generation.
+through as they arrive (no re-encoding, no decompression, no buffering beyond the socket's,
+but for a stream's event that arrives in pieces, held until it is whole); the gateway's own
+key is replaced by the engine's; when the client goes away the upstream connection is closed
+at once, which makes vLLM abort the generation.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from .slots import EngineSlots, SlotHolder, detect_gpus, gpu_count
 from .static import StaticPool
 
 ENGINE_HOST = "127.0.0.1"
+_PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
 
 
 def _engine_python(settings: ModelConfig) -> tuple[str, bool]:
@@ -60,6 +61,7 @@ class LocalPool(Pool):
         self._neighbours = neighbours
         self._engine: EngineProcess | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._awaiting_slot = False
         self.on_idle = slots.wake
 
@@ -130,7 +132,33 @@ class LocalPool(Pool):
             await engine.stop()
             self._slots.release(self.name)
 
+    def report_unreachable(self) -> None:
+        # A healthy engine refused a request: if its /health fails too, it is wedged though
+        # alive, and would fail every request while it kept its slot and never went idle.
+        if self._state is PoolState.HEALTHY and self._engine and self._probe is None:
+            self._probe = asyncio.create_task(self._probe_engine(self._engine))
+
+    async def _probe_engine(self, engine: EngineProcess) -> None:
+        """Stop ``engine`` as if it had died if ``/health`` fails twice, 1 s apart (the
+        watcher cleans up; the next request after the cooldown starts it anew)."""
+        try:
+            for attempt in range(2):
+                if attempt:
+                    await asyncio.sleep(_PROBE_PAUSE)
+                if await engine.answers_health(self._session()):
+                    return
+            if self._engine is engine and engine.returncode is None:  # else: it exited
+                self._engine_died(
+                    f"[{self.name}] the engine stopped answering on its port while its "
+                    "process ran; it was stopped"
+                )
+                await engine.stop()
+        finally:
+            self._probe = None
+
     async def _terminate(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         watcher, self._watcher = self._watcher, None
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
