@@ -455,6 +455,17 @@ def test_max_engines_stops_the_least_recently_used_idle_engine_without_gpus() ->
         assert states == {"a": "healthy", "b": "cold", "c": "healthy"}
 
 
+def test_a_host_without_gpus_runs_three_engines_at_most_by_default() -> None:
+    """Without a bound, every new name a key holder sent started one more engine."""
+    cfg = "[gateway]\nlocal_gpus = 0\n" + "".join(fake_model(name) for name in "abcd")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        for name in "abcd":
+            assert c.post("/v1/chat/completions", json={"model": name, **CHAT}).status_code == 200
+        states = {name: gw.status()[name]["state"] for name in "abcd"}
+        assert states == {"a": "cold", "b": "healthy", "c": "healthy", "d": "healthy"}
+        assert "max_engines = 3" in gw.log()
+
+
 def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
     cfg = "[gateway]\nlocal_gpus = 1\nhold_seconds = 1\n"
     cfg += fake_model("a", extra="gpu = 1") + fake_model("b", extra="gpu = 1")

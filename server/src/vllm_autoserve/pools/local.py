@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import secrets
 import sys
 from collections.abc import Callable
@@ -20,7 +21,10 @@ from .registry import Pools
 from .slots import EngineSlots, SlotHolder, detect_gpus, gpu_count
 from .static import StaticPool
 
+log = logging.getLogger("vllm_autoserve.pools")
+
 ENGINE_HOST = "127.0.0.1"
+CPU_HOST_MAX_ENGINES = 3  # [gateway] max_engines when unset, on a host without GPUs
 _PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
 
 
@@ -206,7 +210,13 @@ class LocalPools(Pools):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.slots = EngineSlots(detect_gpus(config.gateway.local_gpus), config.gateway.max_engines)
+        devices = detect_gpus(config.gateway.local_gpus)
+        max_engines = config.gateway.max_engines
+        if max_engines is None and not devices:
+            # Nothing else bounds CPU engines (a few GB of memory each): without a bound,
+            # every new name a key holder sends starts one more.
+            max_engines = CPU_HOST_MAX_ENGINES
+        self.slots = EngineSlots(devices, max_engines)
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:
@@ -223,6 +233,11 @@ class LocalPools(Pools):
     async def start(self) -> None:
         """Also start every model with ``min_containers``, pinned: kept until ``/down``."""
         await super().start()
+        if self.config.gateway.max_engines is None and not self.slots.hands_out_gpus:
+            log.info(
+                "no GPUs: [gateway] max_engines = %d (local engines at once; set it to change)",
+                CPU_HOST_MAX_ENGINES,
+            )
         for name in self.config.models:
             settings = self.config.model(name)
             if settings.min_containers and settings.url is None:
