@@ -88,3 +88,24 @@ def test_slow_heads_are_cut_but_slow_answers_and_bodies_are_not() -> None:
         time.sleep(1.5)
         upload.sendall(body)
         assert not _read_all(upload).startswith(b"HTTP/1.1 408")
+
+
+def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -> None:
+    with running_gateway(CONFIG) as gw:
+        for broken in (
+            b"GET /status HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"GET /status HTTP/1.1\nHost: x\n\n",  # bare line feeds
+            b"GET /st\xffatus HTTP/1.1\r\nHost: x\r\n\r\n",
+        ):
+            sock = _connect(gw.url)
+            sock.sendall(broken)
+            answer = _read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+            head, body = answer.split(b"\r\n\r\n", 1)
+            assert b"content-type: application/json" in head.lower()
+            assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        # A trailing slash is another route, not a redirect to one built from the Host header.
+        for path in ("/up/", "/status/", "/metrics/"):
+            answer = httpx.get(gw.url + path, headers={**gw.headers, "Host": "evil.example"})
+            assert answer.status_code == 404 and "location" not in answer.headers
+            assert answer.json()["error"]["code"] == "not_found"

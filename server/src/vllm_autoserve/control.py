@@ -65,6 +65,7 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         title="vLLM Autoserve gateway",
         description="OpenAI-compatible gateway that starts vLLM engines on demand.",
         default_response_class=JSONResponse,
+        redirect_slashes=False,  # "/up/" is no route: a 404, not a redirect built from Host
     )
 
     @app.exception_handler(GatewayError)

@@ -21,7 +21,7 @@ from http import HTTPStatus
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .errors import GatewayError, HeadersTooLarge, RequestTimeout
+from .errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -101,6 +101,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request it cannot parse is text/plain: make it OpenAI's.
+        self._refuse(BadRequest(f"malformed HTTP request ({msg.rstrip('.').lower()})"))
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer ``error`` and close: written here, since no request (and no app) has it."""
