@@ -3,6 +3,7 @@ an alias replaced in both kinds of body."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from vllm_autoserve.errors import BadRequest
@@ -39,7 +40,7 @@ AUDIO = (
 def test_the_model_field_of_a_form_is_read_exactly(body: bytes) -> None:
     model, where = model_of(body, FORM)
     assert model == "org/whisper"
-    renamed = with_model(body, "org/whisper-large", where)
+    renamed = with_model(body, "org/whisper-large", where, model)
     assert model_of(renamed, FORM)[0] == "org/whisper-large"
     assert renamed.replace(b"org/whisper-large", b"org/whisper") == body
 
@@ -72,10 +73,27 @@ def test_a_quoted_boundary_is_understood() -> None:
     assert model_of(body, b'multipart/form-data; boundary="XyZ"')[0] == "m"
 
 
-def test_an_alias_in_json_is_replaced_and_every_number_kept() -> None:
-    body = b'{"model": "alias", "seed": 123456789012345678901234567890, "t": 0.1000}'
+def test_an_alias_in_json_is_replaced_and_every_other_byte_kept() -> None:
+    body = b'{"model" :\t"alias", "seed": 123456789012345678901234567890, "t": 0.1000}'
     model, where = model_of(body, b"application/json")
     assert (model, where) == ("alias", None)
-    assert with_model(body, "org/m", where) == (
-        b'{"model":"org/m","seed":123456789012345678901234567890,"t":0.1}'
+    assert with_model(body, "org/m", where, model) == (
+        b'{"model" :\t"org/m", "seed": 123456789012345678901234567890, "t": 0.1000}'
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"metadata": {"model": "alias"}, "model": "alias", "n": 1}',  # a nested key too
+        b'{"model": "other", "model": "alias", "n": 1}',  # repeated: the last one counts
+        b'{"model": "\\u0061lias", "n": 1}',  # written escaped
+    ],
+    ids=["nested", "repeated", "escaped"],
+)
+def test_an_alias_is_replaced_at_the_top_level_only_however_it_is_written(body: bytes) -> None:
+    model, where = model_of(body, b"application/json")
+    assert model == "alias"
+    renamed = orjson.loads(with_model(body, "org/m", where, model))
+    assert renamed["model"] == "org/m" and renamed["n"] == 1
+    assert renamed.get("metadata", {"model": "alias"}) == {"model": "alias"}

@@ -325,7 +325,7 @@ class GatewayApp:
             error.asked = requested  # a well-formed name: the access line says what was asked
             raise
         if model != requested and requested not in self._sent_as_is:
-            body = with_model(body, model, form_value)
+            body = with_model(body, model, form_value, requested)
         return model, self.pools.get(model), body, headers
 
     async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
