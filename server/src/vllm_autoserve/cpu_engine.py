@@ -306,16 +306,26 @@ def cpu_launch_prefix() -> list[str]:
 
 
 def cpu_engine_command(model_path: str, port: int | str, served_name: str) -> list[str]:
-    """The whole argv that starts a CPU engine serving ``model_path`` on 127.0.0.1:``port``.
+    """The argv that starts a CPU engine serving ``model_path`` as ``served_name`` on
+    127.0.0.1:``port`` (as a ``command``: the gateway builds its own argv for a model without
+    one, with the same parts).
 
     Raises ``CpuEngineNotInstalled`` before ``install_cpu_engine`` has succeeded. The API key
     goes in the environment (``VLLM_API_KEY``), not on the command line.
     """
+    from .engine import vllm_command
+
     python = cpu_engine_python()
     if python is None:
         raise CpuEngineNotInstalled(
             "the vLLM CPU engine is not installed: run `vllm-autoserve engine install-cpu`"
         )
-    argv = [*cpu_launch_prefix(), str(python), "-m", API_SERVER_MODULE, "--model", model_path]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name]
-    return argv + cpu_engine_args()
+    argv = vllm_command(
+        python=str(python),
+        model=model_path,
+        served_names=[served_name],
+        host="127.0.0.1",
+        port=port,
+        extra_args=cpu_engine_args(),
+    )
+    return [*cpu_launch_prefix(), *argv]

@@ -45,7 +45,7 @@ def vllm_command(
     model: str,
     served_names: Sequence[str],
     host: str,
-    port: int,
+    port: int | str,
     tensor_parallel_size: int | None = None,
     lora_modules: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
