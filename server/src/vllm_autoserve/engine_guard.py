@@ -44,7 +44,8 @@ def _prctl(option: int, value: int) -> None:
 
 
 def _descendants() -> list[int]:
-    """Processes whose parent is the guard (orphans are re-parented here as subreaper)."""
+    """The engine's processes: the guard's children (orphans are re-parented to it as
+    subreaper) and everything else in its process group."""
     mine = os.getpid()
     pids = []
     for entry in Path("/proc").iterdir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -120,8 +120,11 @@ IN_FLIGHT = Gauge(
 )
 
 
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+
+
 @functools.lru_cache(maxsize=4096)
-def child(metric: Any, *labels: str) -> Any:
+def child(metric: _Metric, *labels: str) -> _Metric:
     """``metric.labels(*labels)``, looked up once per label set: ``labels()`` takes a lock
     and builds its key on every call, which the per-request path need not pay."""
     return metric.labels(*labels)

@@ -1,9 +1,11 @@
-"""The ``Pool`` state machine and the ``Pools`` registry the HTTP app talks to.
+"""The ``Pool`` state machine: one model's engines (``registry.Pools`` holds them all).
 
     cold ──► starting ──► healthy ──► stopping ──► cold
                  │            │           ▲
                  └──► failed ◄┘───────────┘   (failed ──► starting again after a cooldown;
-                                               failed ──► stopping on /down)
+                                               failed ──► stopping on /down;
+                                               healthy ──► cold: a static upstream that
+                                               stopped answering, checked again when asked)
 
 All transitions go through ``Pool._move``, which checks ``_ALLOWED``. The event loop is the
 lock: a check and the move that follows it never have an ``await`` between them, so two
@@ -183,8 +185,8 @@ class Pool(ABC):
         cooldown = self.config.gateway.failure_cooldown_seconds
         return max(0.0, self._failed_at + cooldown - time.monotonic())
 
-    def close(self) -> None:
-        """From now on start nothing: the gateway is shutting down (``Pools.close``)."""
+    def refuse_starts(self) -> None:
+        """From now on start nothing: the gateway is shutting down (``Pools.refuse_starts``)."""
         self._closing = True
         self._changed.set()  # wake waiting requests, so that they give up
         self._changed = asyncio.Event()

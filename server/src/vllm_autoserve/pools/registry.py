@@ -57,7 +57,7 @@ class Pools(ABC):
         if pool is None:
             pool = self._pools[name] = self._create(name, self.config.model(name))
             if self._closing:
-                pool.close()
+                pool.refuse_starts()
         pool.last_active = time.monotonic()
         return pool
 
@@ -129,7 +129,7 @@ class Pools(ABC):
         go (``503 gateway_shutting_down``): the gateway is stopping."""
         self._closing = True
         for pool in self._pools.values():
-            pool.close()
+            pool.refuse_starts()
 
     async def close(self) -> None:
         """Stop every engine this gateway started, and start none from now on."""
