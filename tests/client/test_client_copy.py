@@ -47,15 +47,22 @@ def test_copy_can_change_our_settings(
     assert [b["model_path"] for b in gateway.bodies("/v1/up")] == ["other"]
 
 
+def test_a_trailing_slash_is_the_same_gateway(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m")
+    chat(client)
+    chat(client.with_options(base_url="http://gateway.test/v1/"))
+    assert gateway.count("/v1/up") == 1  # the model is known ready there already
+
+
 def test_a_different_base_url_is_a_different_gateway(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:
     client = make_client(model="m")
     chat(client)
-    elsewhere = client.with_options(base_url="http://gateway.test/v1/")
-    chat(elsewhere)
-    assert gateway.count("/v1/up") == 1  # same URL after normalisation
-    assert client._ready_key("m") == elsewhere._ready_key("m")
+    chat(client.with_options(base_url="http://other-gateway.test/v1"))
+    assert gateway.count("/v1/up") == 2  # a model ready on one gateway is not on another
 
 
 async def test_async_copies(
