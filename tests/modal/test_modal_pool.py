@@ -10,7 +10,7 @@ from vllm_autoserve.config import parse_config
 from vllm_autoserve.engine import EngineFailed
 from vllm_autoserve.errors import ModelFailed
 from vllm_autoserve.modal_layout import ENGINE_KEY, boot_key, failure_key, report_failure
-from vllm_autoserve.pools.base import PoolState
+from vllm_autoserve.pools.base import PoolState, StopReason
 from vllm_autoserve.pools.modal import ModalPools
 
 from .fakes import DONE, EXPIRED, FakeDict, FakeEngines
@@ -196,7 +196,7 @@ async def test_idle_and_shutdown_only_forget_the_pool_locally() -> None:
     pool = pools.get(MODEL)
     await pool.ensure_ready(5)
     assert pool.idle_seconds == 90  # goes cold before Modal's scale-down window ends
-    await pool.down("idle")
+    await pool.down(StopReason.IDLE)
     await pools.close()
     assert boot_key(MODEL) in state.data  # other replicas may still use the pool
     assert engines.min_containers == {}
@@ -204,7 +204,9 @@ async def test_idle_and_shutdown_only_forget_the_pool_locally() -> None:
 
 
 async def test_command_models_are_not_started_on_modal() -> None:
-    config = parse_config({"models": {"local-tool": {"command": ["python", "-m", "x", "--port", "{port}"]}}})
+    config = parse_config(
+        {"models": {"local-tool": {"command": ["python", "-m", "x", "--port", "{port}"]}}}
+    )
     pools = ModalPools(config, state=FakeDict(), engines=FakeEngines())
     status = await pools.get("local-tool").up(wait=5)
     assert status.up_status == "failed"

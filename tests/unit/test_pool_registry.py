@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from vllm_autoserve import metrics
 from vllm_autoserve.config import Config, ModelConfig, parse_config
 from vllm_autoserve.engine import EngineFailed
-from vllm_autoserve.pools.base import Pool, PoolState, Upstream
+from vllm_autoserve.pools.base import Pool, PoolState, StopReason, Upstream
 from vllm_autoserve.pools.registry import Pools
 
 
@@ -22,7 +22,7 @@ class InstantPool(Pool):
             raise EngineFailed(f"[{self.name}] repository not found")
         return Upstream(url="http://engine")
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, reason: StopReason | None) -> None:
         pass
 
 
@@ -57,7 +57,7 @@ async def _used(pools: Pools, name: str) -> None:
         await pool.ensure_ready(1)
     except Exception:
         pass
-    await pool.down("test")
+    await pool.down()
 
 
 async def test_unlisted_pools_at_rest_are_forgotten_least_recently_used_first() -> None:
@@ -92,7 +92,7 @@ async def test_a_failure_is_remembered_through_its_cooldown() -> None:
         except Exception:
             pass
     for name in ("org/x", "org/y"):
-        await pools.get(name).down("test")
+        await pools.get(name).down()
     pools.get("org/broken").last_active -= 100  # the least recently used
 
     pools._forget_unlisted(time.monotonic())

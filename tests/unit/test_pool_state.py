@@ -9,7 +9,7 @@ import pytest
 from vllm_autoserve.config import Config, parse_config
 from vllm_autoserve.engine import EngineFailed
 from vllm_autoserve.errors import ModelFailed, ModelNotReady
-from vllm_autoserve.pools.base import IllegalTransition, Pool, PoolState, Upstream
+from vllm_autoserve.pools.base import IllegalTransition, Pool, PoolState, StopReason, Upstream
 
 
 class BlockingPool(Pool):
@@ -27,7 +27,7 @@ class BlockingPool(Pool):
             raise EngineFailed(self.fail_with)
         return Upstream(url="http://engine", api_key="k")
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, reason: StopReason | None) -> None:
         self.terminations += 1
 
 

@@ -29,9 +29,17 @@ from .. import metrics
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..errors import ModelFailed, ModelNotReady, ShuttingDown
-from .status import PoolState, PoolStatus, Upstream
+from .status import PoolState, PoolStatus, StopReason, Upstream
 
-__all__ = ["EngineFailed", "IllegalTransition", "Pool", "PoolState", "PoolStatus", "Upstream"]
+__all__ = [
+    "EngineFailed",
+    "IllegalTransition",
+    "Pool",
+    "PoolState",
+    "PoolStatus",
+    "StopReason",
+    "Upstream",
+]
 
 log = logging.getLogger("vllm_autoserve.pools")
 
@@ -43,8 +51,6 @@ _ALLOWED: dict[PoolState, frozenset[PoolState]] = {
     PoolState.STOPPING: frozenset({PoolState.COLD}),
     PoolState.FAILED: frozenset({PoolState.STARTING, PoolState.STOPPING}),
 }
-# Stops the gateway makes on its own: they keep a pin and do not cut held requests short.
-_AUTOMATIC_STOPS = frozenset({"idle", "gateway shutdown", "evicted to make room"})
 
 
 class IllegalTransition(RuntimeError):
@@ -105,8 +111,9 @@ class Pool(ABC):
         """Start an engine and return once it is healthy; raise ``EngineFailed`` if not."""
 
     @abstractmethod
-    async def _terminate(self) -> None:
-        """Stop whatever ``_launch`` started (idempotent; also called after a failure)."""
+    async def _terminate(self, reason: StopReason | None) -> None:
+        """Stop whatever ``_launch`` started (idempotent); ``reason`` is None after a failed
+        start."""
 
     def _engines(self) -> int:
         return 1 if self._state in (PoolState.HEALTHY, PoolState.STARTING) else 0
@@ -211,7 +218,7 @@ class Pool(ABC):
             raise
         except TimeoutError:
             tail = self._start_account()  # before the engine, and its output, are gone
-            await self._terminate()
+            await self._terminate(None)
             self._move(
                 PoolState.FAILED,
                 reason="startup deadline",
@@ -219,11 +226,11 @@ class Pool(ABC):
                 f"{self.startup_seconds:g} s\n{tail}".rstrip(),
             )
         except EngineFailed as exc:
-            await self._terminate()
+            await self._terminate(None)
             self._move(PoolState.FAILED, reason="engine failed", error=str(exc))
         except Exception as exc:
             log.exception("[%s] unexpected error while starting", self.name)
-            await self._terminate()
+            await self._terminate(None)
             self._move(PoolState.FAILED, reason="start error", error=f"[{self.name}] {exc}")
         else:
             self._upstream = upstream
@@ -327,13 +334,13 @@ class Pool(ABC):
             await self._wait_change(remaining)
         return self.status()
 
-    async def down(self, reason: str = "down") -> PoolStatus:
+    async def down(self, reason: StopReason = StopReason.DOWN) -> PoolStatus:
         """Stop the engine (any state); a failed pool is reset to cold.
 
         The stop runs as one task owned by the pool, so that a caller giving up (a cancelled
         start that was evicting this pool for its GPUs, say) never leaves it half-stopped.
         """
-        if reason not in _AUTOMATIC_STOPS:
+        if not reason.automatic:
             self._pinned = False
             self._downs += 1
             self._restart_after_stop = False
@@ -348,7 +355,7 @@ class Pool(ABC):
             await asyncio.shield(self._stop_task)
         return self.status()
 
-    async def _stop(self, reason: str) -> None:
+    async def _stop(self, reason: StopReason) -> None:
         try:
             task, self._start_task = self._start_task, None
             if task is not None and not task.done():
@@ -356,7 +363,7 @@ class Pool(ABC):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             try:
-                await self._terminate()
+                await self._terminate(reason)
             except Exception:
                 log.exception("[%s] error while stopping the engine", self.name)
         finally:

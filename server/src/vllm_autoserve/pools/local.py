@@ -16,7 +16,7 @@ import aiohttp
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed, EngineProcess, engine_environment, fill_placeholders, free_port
 from ..engine import vllm_command as build_vllm_command
-from .base import Pool, PoolState, Upstream
+from .base import Pool, PoolState, StopReason, Upstream
 from .registry import Pools
 from .slots import EngineSlots, SlotHolder, detect_gpus, gpu_count
 from .static import StaticPool
@@ -160,7 +160,7 @@ class LocalPool(Pool):
         finally:
             self._probe = None
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, reason: StopReason | None) -> None:
         if self._probe is not None:
             self._probe.cancel()
         watcher, self._watcher = self._watcher, None
@@ -202,7 +202,7 @@ class LocalPool(Pool):
         return None
 
     def evict(self) -> asyncio.Future[object]:
-        return asyncio.ensure_future(self.down("evicted to make room"))
+        return asyncio.ensure_future(self.down(StopReason.EVICTED))
 
 
 class LocalPools(Pools):

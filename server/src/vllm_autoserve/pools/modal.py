@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..modal_layout import StateDict, boot_key, engine_key, failure_key
-from .base import Pool, PoolStatus, Upstream
+from .base import Pool, PoolStatus, StopReason, Upstream
 from .registry import Pools
 from .static import StaticPool
 
@@ -43,7 +43,6 @@ CLAIM_SECONDS = 60.0
 """A claim with no call id after this long was left by a replica that died while spawning."""
 IDLE_MARGIN_SECONDS = 30.0
 """Go cold this much before Modal scales the pool down, so a stale 'healthy' is never routed."""
-_LOCAL_ONLY = frozenset({"idle", "gateway shutdown"})
 
 
 class BootExpired(Exception):
@@ -92,7 +91,6 @@ class ModalPool(Pool):
         self._shared = state
         self._handles = engines
         self._engine_key = engine_key
-        self._local_stop = False
 
     @property
     def idle_seconds(self) -> float:
@@ -173,20 +171,17 @@ class ModalPool(Pool):
 
     # -- stop -----------------------------------------------------------------------------
 
-    async def down(self, reason: str = "down") -> PoolStatus:
+    async def down(self, reason: StopReason = StopReason.DOWN) -> PoolStatus:
         """Idle or gateway shutdown: forget the pool here only (Modal scales it down, and other
-        replicas may use it). ``/down``: also unpin it and forget its boot call everywhere."""
-        self._local_stop = True
-        try:
-            status = await super().down(reason)
-        finally:
-            self._local_stop = False
-        if reason not in _LOCAL_ONLY:
+        replicas may use it). ``/down``: also unpin it and forget its boot call everywhere,
+        whether or not this replica started it."""
+        status = await super().down(reason)
+        if reason is StopReason.DOWN:
             await self._release(unpin=True)
         return status
 
-    async def _terminate(self) -> None:
-        if not self._local_stop:  # a failed start: the next start must spawn a fresh boot
+    async def _terminate(self, reason: StopReason | None) -> None:
+        if reason is None:  # a failed start: the next start must spawn a fresh boot
             await self._release(unpin=bool(self.settings.min_containers))
 
     async def _release(self, *, unpin: bool) -> None:
@@ -215,7 +210,7 @@ class LocalOnlyPool(Pool):
             f"[{self.name}] runs a local command; it is not served by the Modal deployment"
         )
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, reason: StopReason | None) -> None:
         """Nothing was started."""
 
 

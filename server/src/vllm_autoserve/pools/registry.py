@@ -13,7 +13,7 @@ import aiohttp
 from .. import metrics
 from ..config import Config, ModelConfig
 from .base import Pool
-from .status import ModelEntry, PoolState, PoolStatus, Upstream
+from .status import ModelEntry, PoolState, PoolStatus, StopReason, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
 _RUNNING = frozenset({PoolState.STARTING, PoolState.HEALTHY})
@@ -139,7 +139,7 @@ class Pools(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(
-            *(pool.down("gateway shutdown") for pool in self._pools.values()),
+            *(pool.down(StopReason.SHUTDOWN) for pool in self._pools.values()),
             return_exceptions=True,
         )
         if self._http is not None:
@@ -158,7 +158,9 @@ class Pools(ABC):
             now = time.monotonic()
             for pool in list(self._pools.values()):
                 if pool.idle_due(now):
-                    task = asyncio.create_task(pool.down("idle"), name=f"idle stop {pool.name}")
+                    task = asyncio.create_task(
+                        pool.down(StopReason.IDLE), name=f"idle stop {pool.name}"
+                    )
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
             self._forget_unlisted(now)

@@ -12,7 +12,7 @@ from yarl import URL
 
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
-from .base import Pool, PoolState, Upstream
+from .base import Pool, PoolState, StopReason, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
 
@@ -80,7 +80,7 @@ class StaticPool(Pool):
         except (aiohttp.ClientError, OSError) as exc:
             return str(exc) or type(exc).__name__
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, reason: StopReason | None) -> None:
         """Nothing to stop: the upstream is not ours."""
 
     def _engines(self) -> int:

@@ -15,6 +15,20 @@ class PoolState(StrEnum):
     FAILED = "failed"
 
 
+class StopReason(StrEnum):
+    """Why a pool's engine is stopped (its value is what the log says)."""
+
+    DOWN = "down"  # a user's /down
+    IDLE = "idle"
+    SHUTDOWN = "gateway shutdown"
+    EVICTED = "evicted to make room"  # for another model's GPUs or engine slot
+
+    @property
+    def automatic(self) -> bool:
+        """A stop the gateway makes on its own: it keeps a pin and lets held requests wait."""
+        return self is not StopReason.DOWN
+
+
 @dataclass(frozen=True)
 class Upstream:
     """Where a healthy pool's requests go."""
