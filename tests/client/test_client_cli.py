@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import httpx2
@@ -36,6 +37,35 @@ def test_up_waits_until_healthy(gateway: FakeGateway, capsys: pytest.CaptureFixt
     assert status == 0, err
     assert "Qwen/Qwen3-0.6B is healthy" in out
     assert gateway.bodies("/v1/up")[0]["model_path"] == "Qwen/Qwen3-0.6B"
+    # Not a terminal (a CI log): no spinner, but a line per state, so that it is no hang.
+    assert "Qwen/Qwen3-0.6B: starting (0 s)" in err.splitlines()
+
+
+def test_chat_reads_its_prompt_from_stdin(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Summarise this\nand that\n"))
+    status, _, err = run(capsys, "chat", "m")
+    assert status == 0, err
+    body = gateway.bodies("/v1/chat/completions")[0]
+    assert body["messages"] == [{"role": "user", "content": "Summarise this\nand that\n"}]
+
+
+@pytest.mark.parametrize("command", [["status"], ["down", "m"], ["up", "m"]])
+def test_a_server_that_is_no_gateway_is_told_apart(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    def vllm_itself(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(404, json={"detail": "Not Found"})  # vLLM's 404 for /status
+
+    def client(**kwargs: Any) -> AutoserveClient:
+        transport = httpx2.MockTransport(vllm_itself)
+        return AutoserveClient(**kwargs, http_client=httpx2.Client(transport=transport))
+
+    monkeypatch.setattr(cli, "AutoserveClient", client)
+    status, _, err = run(capsys, *command)
+    assert status == 1
+    assert "is the base URL that of a vLLM Autoserve gateway?" in err
 
 
 def test_up_of_a_failed_model(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) -> None:

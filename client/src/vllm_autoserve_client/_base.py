@@ -8,6 +8,7 @@ from retrying ``model_not_ready``/``model_failed`` answers with its own blind ba
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar
 
 import httpx2
@@ -83,7 +84,8 @@ class AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT]):
         return self.up_timeout if timeout is None else timeout
 
     def _pool_wait(self, model: str, timeout: float) -> PoolWait:
-        return PoolWait(model, timeout, self.on_wait)
+        # As the SDK tries a request 1 + max_retries times, so does a wait its connections.
+        return PoolWait(model, timeout, self.on_wait, connect_attempts=self.max_retries + 1)
 
     def _noted(self, model: str, answer: dict[str, Any]) -> dict[str, Any]:
         """An ``/up`` answer, remembered as ready if it says healthy."""
@@ -121,9 +123,25 @@ def up_body(model: str, wait: float) -> dict[str, Any]:
     return {"model_path": model, "wait": wait}
 
 
-def up_options(wait: float) -> RequestOptions:
-    # tenacity does the retrying; Modal answers a call past 150 s with a 303 to follow.
-    return {"max_retries": 0, "timeout": wait + _UP_SLACK, "follow_redirects": True}
+def up_options(
+    wait: float, timeout: float | httpx2.Timeout | None, left: float | None = None
+) -> RequestOptions:
+    """Options of one ``/up`` call asking the gateway to hold it ``wait`` s.
+
+    The client's own connect timeout holds; the read timeout is long enough for the hold, or
+    for a call the gateway answers at once the client's (at most ``_UP_SLACK``), so that a
+    gateway that never answers fails as fast as with the plain SDK; and no call outlasts
+    ``left``, what remains of the whole wait. tenacity does the retrying; Modal answers a
+    call past 150 s with a 303 to follow.
+    """
+    own = timeout if isinstance(timeout, httpx2.Timeout) else httpx2.Timeout(timeout)
+    read = wait + _UP_SLACK if wait > 0 else min(own.read or _UP_SLACK, _UP_SLACK)
+    connect = own.connect
+    if left is not None:
+        read = min(read, max(left, 0.0) + 1.0)
+        connect = min(connect or math.inf, max(left, 0.0) + 1.0)
+    limits = httpx2.Timeout(connect=connect, read=read, write=own.write, pool=own.pool)
+    return {"max_retries": 0, "timeout": limits, "follow_redirects": True}
 
 
 def up_not_found(exc: NotFoundError) -> Exception:
@@ -133,7 +151,7 @@ def up_not_found(exc: NotFoundError) -> Exception:
         return exc
     return AutoserveError(
         f"{exc.request.url} was not found (HTTP 404): is the base URL that of a vLLM "
-        "Autoserve gateway? (a plain OpenAI-compatible server has no /up)"
+        "Autoserve gateway? (a plain OpenAI-compatible server has no /up, /down or /status)"
     )
 
 

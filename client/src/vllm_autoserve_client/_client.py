@@ -128,10 +128,11 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
         self._ready.forget(self._ready_key(name))
         return json_object(self.post("/down", body={"model_path": name}, cast_to=httpx2.Response))
 
-    def _post_up(self, model: str, wait: float) -> httpx2.Response:
+    def _post_up(self, model: str, wait: float, left: float | None = None) -> httpx2.Response:
+        options = up_options(wait, self.timeout, left)
         try:
             return self.post(
-                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
+                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=options
             )
         except NotFoundError as exc:
             raise up_not_found(exc) from None
@@ -144,14 +145,15 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
             return True
 
     def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
-        def poll(wait: float) -> UpAnswer:
-            return up_answer(self._post_up(model, wait))
+        def wait(left: float) -> None:
+            plan = self._pool_wait(model, left)
 
-        self._ready.ensure(
-            self._ready_key(model),
-            self._up_timeout(timeout),
-            lambda left: wait_for_pool(self._pool_wait(model, left), poll),
-        )
+            def poll(wait: float) -> UpAnswer:
+                return up_answer(self._post_up(model, wait, plan.remaining()))
+
+            wait_for_pool(plan, poll)
+
+        self._ready.ensure(self._ready_key(model), self._up_timeout(timeout), wait)
 
     @override
     def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
@@ -285,10 +287,11 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
         response = await self.post("/down", body={"model_path": name}, cast_to=httpx2.Response)
         return json_object(response)
 
-    async def _post_up(self, model: str, wait: float) -> httpx2.Response:
+    async def _post_up(self, model: str, wait: float, left: float | None = None) -> httpx2.Response:
+        options = up_options(wait, self.timeout, left)
         try:
             return await self.post(
-                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=up_options(wait)
+                "/up", body=up_body(model, wait), cast_to=httpx2.Response, options=options
             )
         except NotFoundError as exc:
             raise up_not_found(exc) from None
@@ -301,11 +304,13 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
             return True
 
     async def _ensure_ready(self, model: str, timeout: float | None = None) -> None:
-        async def poll(wait: float) -> UpAnswer:
-            return up_answer(await self._post_up(model, wait))
-
         async def wait(left: float) -> None:
-            await async_wait_for_pool(self._pool_wait(model, left), poll)
+            plan = self._pool_wait(model, left)
+
+            async def poll(wait: float) -> UpAnswer:
+                return up_answer(await self._post_up(model, wait, plan.remaining()))
+
+            await async_wait_for_pool(plan, poll)
 
         await self._ready.ensure_async(self._ready_key(model), self._up_timeout(timeout), wait)
 

@@ -34,10 +34,18 @@ class ModelFailedError(AutoserveError):
 class ModelStartTimeout(AutoserveError):
     """The model's pool was not healthy after waiting ``waited`` seconds."""
 
-    def __init__(self, model: str, waited: float, state: str | None = None) -> None:
+    def __init__(
+        self, model: str, waited: float, state: str | None = None, *, answered: bool = True
+    ) -> None:
         self.model = model
         self.waited = waited
         self.state = state
+        if not answered:
+            super().__init__(
+                f"[{model}] the gateway did not answer /up within {waited:.1f} s: is it "
+                "running, and is the base URL right?"
+            )
+            return
         last = f" (last state: {state})" if state else ""
         super().__init__(
             f"[{model}] not healthy after waiting {waited:.1f} s{last}; "

@@ -7,7 +7,8 @@ failed, or ``W`` seconds pass (it caps ``W``), so a pool that becomes healthy is
 once. Between polls tenacity decides how long to
 sleep: not at all after a call the gateway held, the gateway's ``Retry-After`` when it sends
 one, otherwise exponential backoff with jitter (a gateway that answers at once, or an error
-worth retrying: 408, 429, 5xx, a few refused connections). The whole wait ends at
+worth retrying: 408, 429, 5xx, a call without answer up to ``max_retries`` times in a row,
+which is also asked with ``W = 0``). The whole wait ends at
 ``up_timeout`` with ``ModelStartTimeout``; a ``failed`` pool ends it with ``ModelFailedError``.
 
 The policy (``PoolWait``) knows nothing about HTTP: the client hands ``wait_for_pool`` (or
@@ -42,8 +43,9 @@ MAX_LONG_POLL = 30.0
 HELD = 1.0
 """An answer that took this long was held by the gateway: poll again without sleeping."""
 
-CONNECT_ATTEMPTS = 5
-"""Consecutive failed connections before giving up: a wrong URL should fail, not spin."""
+CONNECT_ATTEMPTS = 3
+"""Consecutive failed calls (no answer) before giving up, unless told otherwise: a wrong URL
+should fail, not spin."""
 
 _LOG_EVERY = 30.0
 
@@ -76,10 +78,19 @@ def _retryable_status(status: int) -> bool:
 class PoolWait:
     """How one wait for ``model`` goes: what each answer means, when to poll again, when to stop."""
 
-    def __init__(self, model: str, timeout: float, on_wait: WaitCallback | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        timeout: float,
+        on_wait: WaitCallback | None = None,
+        *,
+        connect_attempts: int = CONNECT_ATTEMPTS,
+    ) -> None:
         self.model = model
         self.timeout = max(0.0, timeout)
         self.on_wait = on_wait
+        self.connect_attempts = max(1, connect_attempts)
+        self._answered = False  # the last call got an answer: the gateway is there
         self._started = time.monotonic()
         self._state: str | None = None
         self._waited = False
@@ -100,13 +111,14 @@ class PoolWait:
     def long_poll(self) -> float:
         """The ``wait`` to ask of the gateway for the next call."""
         self._polls += 1
-        if self._polls == 1:
+        if self._polls == 1 or not self._answered:  # a gateway not heard from: ask quickly
             return 0.0
         return round(max(0.0, min(self.remaining(), MAX_LONG_POLL)), 3)
 
     def judge(self, answer: UpAnswer, seconds: float) -> dict[str, Any]:
         """Return a healthy answer; raise ``ModelFailedError``, or ``_Pending`` to poll again."""
         body, retry_after = answer
+        self._answered = True
         status = str(body.get("status") or "pending")
         state = str(body.get("state") or status)
         self._report(state)
@@ -117,7 +129,9 @@ class PoolWait:
         raise _Pending(state, retry_after, held=seconds >= HELD)
 
     def timeout_error(self) -> ModelStartTimeout:
-        return ModelStartTimeout(self.model, self.elapsed(), self._state)
+        return ModelStartTimeout(
+            self.model, self.elapsed(), self._state, answered=self._state is not None
+        )
 
     def retrying(self) -> dict[str, Any]:
         """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""
@@ -134,8 +148,9 @@ class PoolWait:
             self._failed_connections = 0
             return True
         if isinstance(exc, APIConnectionError):  # includes APITimeoutError
+            self._answered = False
             self._failed_connections += 1
-            return self._failed_connections < CONNECT_ATTEMPTS
+            return self._failed_connections < self.connect_attempts
         if isinstance(exc, APIStatusError):
             return _retryable_status(exc.status_code)
         return False

@@ -4,7 +4,8 @@
     autoserve status                      every pool: state, since, last request, engines, ...
     autoserve down MODEL                  stop MODEL's pool (or let it scale to zero)
     autoserve models                      the gateway's model list
-    autoserve chat MODEL "prompt"         stream a chat completion, waiting out a cold start
+    autoserve chat MODEL ["prompt"]       stream a chat completion, waiting out a cold start
+                                          (no prompt, or -: read it from stdin)
 
 ``--base-url`` and ``--api-key`` go before or after the command; they fall back to the
 environment like the client classes do (``AUTOSERVE_BASE_URL``, ``OPENAI_BASE_URL``;
@@ -29,6 +30,7 @@ from openai import (
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
+    NotFoundError,
     OpenAIError,
     omit,
 )
@@ -39,9 +41,13 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from ._base import up_not_found
 from ._client import AutoserveClient
 from ._errors import AutoserveError
 from ._settings import DEFAULT_UP_TIMEOUT, resolve_base_url
+
+QUICK_TIMEOUT = 10.0
+"""Seconds ``status``, ``down`` and ``models`` give the gateway (``--timeout``)."""
 
 _STATE_STYLES = {
     "healthy": "green",
@@ -59,9 +65,12 @@ class _Waiting:
         self.model = model
         self.state = "asking the gateway"
         self.started = time.monotonic()
+        self.log_to: Console | None = None  # where state changes go, when not a spinner
         self._spinner = Spinner("dots")
 
     def on_wait(self, model: str, state: str, elapsed: float) -> None:
+        if self.log_to is not None and state != self.state and state != "healthy":
+            self.log_to.print(f"{model}: {state} ({elapsed:.0f} s)")
         self.state = state
 
     def __rich__(self) -> RenderableType:
@@ -73,7 +82,13 @@ class _Waiting:
 def _wait_with_spinner(
     client: AutoserveClient, waiting: _Waiting, console: Console, timeout: float | None
 ) -> float:
-    with Live(waiting, console=console, refresh_per_second=8, transient=True):
+    """A spinner on a terminal; elsewhere (a CI log, a pipe) a line per change of state, so
+    that a long cold start does not read as a hang."""
+    if console.is_terminal:
+        with Live(waiting, console=console, refresh_per_second=8, transient=True):
+            client.wait_until_ready(waiting.model, timeout=timeout)
+    else:
+        waiting.log_to = console
         client.wait_until_ready(waiting.model, timeout=timeout)
     return time.monotonic() - waiting.started
 
@@ -109,7 +124,7 @@ def _up(args: argparse.Namespace, out: Console, err: Console) -> None:
 
 
 def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
-    pools: list[dict[str, Any]] = _client(args, max_retries=0).status().get("pools", [])
+    pools: list[dict[str, Any]] = _quick_client(args).status().get("pools", [])
     if not pools:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
@@ -149,7 +164,7 @@ def _print_whole(out: Console, table: Table) -> None:
 
 
 def _down(args: argparse.Namespace, out: Console, err: Console) -> None:
-    answer = _client(args, max_retries=0).down(args.model)
+    answer = _quick_client(args).down(args.model)
     out.print(Text(f"{args.model}: down (now {answer.get('state', 'cold')})"))
 
 
@@ -157,7 +172,7 @@ def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
     table = Table(show_edge=False)
     for column in ("model", "state", "serves"):
         table.add_column(column, no_wrap=True)
-    for model in _client(args, max_retries=0).models.list():
+    for model in _quick_client(args).models.list():
         extra = model.model_extra or {}
         root = extra.get("root")
         table.add_row(
@@ -169,12 +184,17 @@ def _models(args: argparse.Namespace, out: Console, err: Console) -> None:
 
 
 def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
+    prompt = args.prompt
+    if prompt == "-":  # `echo "..." | autoserve chat MODEL`, as with `ollama run`
+        if sys.stdin.isatty():
+            raise AutoserveError("no prompt: give one after MODEL, or pipe it in")
+        prompt = sys.stdin.read()
     waiting = _Waiting(args.model)
     client = _client(args, on_wait=waiting.on_wait)
     _wait_with_spinner(client, waiting, err, None)
     stream = client.chat.completions.create(
         model=args.model,
-        messages=[{"role": "user", "content": args.prompt}],
+        messages=[{"role": "user", "content": prompt}],
         max_tokens=omit if args.max_tokens is None else args.max_tokens,
         stream=True,
     )
@@ -190,6 +210,15 @@ def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
             "the answer broke off before its end (the connection was lost)"
         ) from exc
     sys.stdout.write("\n")
+
+
+def _quick_client(args: argparse.Namespace) -> AutoserveClient:
+    """For a call the gateway answers at once: no retry, and a gateway that does not answer
+    is reported in seconds, not after the SDK's ten minutes."""
+    timeout = QUICK_TIMEOUT if args.timeout is None else args.timeout
+    return AutoserveClient(
+        base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=timeout
+    )
 
 
 def _client(args: argparse.Namespace, **kwargs: Any) -> AutoserveClient:
@@ -219,11 +248,18 @@ def describe(exc: Exception, base_url: str | None) -> str:
             "the gateway refused the API key (401): pass --api-key or set "
             "AUTOSERVE_API_KEY (or VLLM_GATEWAY_AUTH)"
         )
+    if isinstance(exc, NotFoundError):  # the gateway's own 404s name a code; others not
+        explained = up_not_found(exc)
+        return _answered(exc) if explained is exc else str(explained)
     if isinstance(exc, APIStatusError):
-        body = exc.body
-        message = body.get("message") if isinstance(body, dict) else None
-        return f"the gateway answered {exc.status_code}: {message or exc.message}"
+        return _answered(exc)
     return str(exc)
+
+
+def _answered(exc: APIStatusError) -> str:
+    body = exc.body
+    message = body.get("message") if isinstance(body, dict) else None
+    return f"the gateway answered {exc.status_code}: {message or exc.message}"
 
 
 def _where(base_url: str | None) -> str | None:
@@ -258,8 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, run: Command, help_: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=help_, description=help_)
+    def add(
+        name: str, run: Command, help_: str, *more: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common, *more], help=help_, description=help_)
         sub.set_defaults(run=run)
         return sub
 
@@ -271,13 +309,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"give up after this many seconds (default {DEFAULT_UP_TIMEOUT:.0f})",
     )
-    add("status", _status, "show every pool the gateway knows")
-    down = add("down", _down, "stop a model's pool")
+    quick_timeout = argparse.ArgumentParser(add_help=False)
+    quick_timeout.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"give up after this many seconds (default {QUICK_TIMEOUT:.0f})",
+    )
+    add("status", _status, "show every pool the gateway knows", quick_timeout)
+    down = add("down", _down, "stop a model's pool", quick_timeout)
     down.add_argument("model", metavar="MODEL")
-    add("models", _models, "list the gateway's models")
+    add("models", _models, "list the gateway's models", quick_timeout)
     chat = add("chat", _chat, "stream a chat completion (waits out a cold start)")
     chat.add_argument("model", metavar="MODEL")
-    chat.add_argument("prompt", metavar="PROMPT")
+    chat.add_argument(
+        "prompt", metavar="PROMPT", nargs="?", default="-", help="the prompt; - or none: stdin"
+    )
     chat.add_argument("--max-tokens", type=int, default=None)
     return parser
 
