@@ -172,6 +172,17 @@ def test_aliases_route_to_one_pool_and_models_are_listed() -> None:
         assert c.get("/v1/models/a").json()["root"] == "org/model-a"
 
 
+def test_a_local_folder_model_is_listed_by_its_aliases_not_its_path() -> None:
+    cfg = fake_model("/srv/models/tiny", extra='aliases = ["tiny", "small"]')
+    with running_gateway(cfg) as gw, gw.client() as c:
+        listed = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m["root"]) for m in listed] == [("tiny", "tiny"), ("small", "tiny")]
+        assert listed[0]["state"] == "cold"
+        assert chat(c, "small").status_code == 200
+        assert chat(c, "/srv/models/tiny").status_code == 200  # the path still routes, unlisted
+        assert c.get("/v1/models/tiny").json()["state"] == "healthy"
+
+
 def test_up_with_min_containers_pins_the_engine_against_idle_stops_until_down() -> None:
     cfg = "[gateway]\nidle_seconds = 0.5\n" + fake_model("warm")
     with running_gateway(cfg) as gw, gw.client() as c:

@@ -106,19 +106,20 @@ class Pools(ABC):
     def listing(self) -> list[ModelEntry]:
         """Configured models, their aliases, and any other model that is running."""
         entries: list[ModelEntry] = []
+        created = self._created
         for name, model in self.config.models.items():
-            entries.append(ModelEntry(id=name, root=name, created=self._created))
+            # A local folder's model goes by its aliases: its path is no business of clients.
+            public = self.config.served_names(name)[0]
+            names = [*model.aliases] if public != name else [name, *model.aliases]
+            entries.extend(ModelEntry(id=n, root=public, created=created, pool=name) for n in names)
             entries.extend(
-                ModelEntry(id=a, root=name, created=self._created) for a in model.aliases
-            )
-            entries.extend(
-                ModelEntry(id=adapter, root=path, created=self._created, parent=name)
+                ModelEntry(id=adapter, root=path, created=created, pool=name, parent=public)
                 for adapter, path in model.lora_modules.items()
             )
         for name, pool in self._pools.items():
             # Unlisted models while they run; a failed name stays in /status, not in pickers.
             if name not in self.config.models and pool.state in _RUNNING:
-                entries.append(ModelEntry(id=name, root=name, created=self._created))
+                entries.append(ModelEntry(id=name, root=name, created=created, pool=name))
         return entries
 
     async def start(self) -> None:

@@ -88,10 +88,7 @@ class ModelEntry:
     id: str
     root: str
     created: int
+    pool: str
+    """The pool whose state this entry shows (a configured name, maybe a local path)."""
     parent: str | None = None
     """The model a LoRA adapter runs on (its ``root`` is the adapter's repo id or path)."""
-
-    @property
-    def pool(self) -> str:
-        """The pool whose state this entry shows."""
-        return self.parent or self.root
