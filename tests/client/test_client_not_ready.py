@@ -80,6 +80,9 @@ def test_model_failed_raises_and_forgets_the_ready_state(
         chat(ready_client)
     assert info.value.model == "m"
     assert gateway.paths()[2:] == [CHAT]
+    # Code written for the plain SDK, which raises InternalServerError for the same 503.
+    assert isinstance(info.value, openai.InternalServerError)
+    assert info.value.status_code == 503 and info.value.code == "model_failed"
     chat(ready_client)
     assert gateway.paths()[3:] == ["/v1/up", CHAT]
 

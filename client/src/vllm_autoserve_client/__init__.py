@@ -6,7 +6,7 @@
 """
 
 from ._client import AsyncAutoserveClient, AutoserveClient
-from ._errors import AutoserveError, ModelFailedError, ModelStartTimeout
+from ._errors import AutoserveError, ModelFailedError, ModelFailedResponse, ModelStartTimeout
 from ._settings import DEFAULT_UP_TIMEOUT
 from ._up import WaitCallback
 
@@ -16,6 +16,7 @@ __all__ = [
     "AutoserveClient",
     "AutoserveError",
     "ModelFailedError",
+    "ModelFailedResponse",
     "ModelStartTimeout",
     "WaitCallback",
 ]

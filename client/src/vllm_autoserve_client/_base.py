@@ -18,7 +18,7 @@ from openai._models import FinalRequestOptions
 from openai._types import RequestOptions
 from typing_extensions import override
 
-from ._errors import AutoserveError, ModelFailedError
+from ._errors import AutoserveError, ModelFailedResponse
 from ._ready import Key, ReadyState
 from ._requests import (
     MODEL_EXTENSION,
@@ -93,13 +93,13 @@ class AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT]):
             self._ready.mark_ready(self._ready_key(model))
         return answer
 
-    def _judge_503(self, request: httpx2.Request, model: str, error: GatewayError) -> None:
+    def _judge_503(self, response: httpx2.Response, model: str, error: GatewayError) -> None:
         """Keep the SDK from retrying the gateway's 503s blindly; a failed pool raises."""
         if error.code in (MODEL_NOT_READY, MODEL_FAILED):
-            request.extensions[NO_BLIND_RETRY] = True
+            response.request.extensions[NO_BLIND_RETRY] = True
         if error.code == MODEL_FAILED:
             self._ready.forget(self._ready_key(model))
-            raise ModelFailedError(model, error.message)
+            raise ModelFailedResponse(model, error.message, response=response, body=error.body)
 
     @override
     def _build_request(

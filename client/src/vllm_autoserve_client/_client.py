@@ -186,7 +186,7 @@ class AutoserveClient(AutoserveBase[httpx2.Client, Stream[Any]], OpenAI):
             if is_gateway_503(request, response) is None:
                 return response
             error = GatewayError.parse(response.read())
-        self._judge_503(request, model, error)
+        self._judge_503(response, model, error)
         return response
 
     def _resend_when_ready(
@@ -345,7 +345,7 @@ class AsyncAutoserveClient(AutoserveBase[httpx2.AsyncClient, AsyncStream[Any]], 
             if is_gateway_503(request, response) is None:
                 return response
             error = GatewayError.parse(await response.aread())
-        self._judge_503(request, model, error)
+        self._judge_503(response, model, error)
         return response
 
     async def _resend_when_ready(

@@ -6,12 +6,17 @@ Everything else a request can raise is the OpenAI SDK's own error (``APIConnecti
     openai.OpenAIError
     └── AutoserveError                 anything this package adds
         ├── ModelFailedError           the gateway reports the pool as failed (.model, .error)
+        │   └── ModelFailedResponse    ... in its 503 answer to a request: also the
+        │                              openai.InternalServerError the plain SDK raises for it
         └── ModelStartTimeout          not healthy within ``up_timeout`` (.model, .waited, .state)
 """
 
 from __future__ import annotations
 
-from openai import OpenAIError
+from typing import Any
+
+import httpx2
+from openai import InternalServerError, OpenAIError
 
 
 class AutoserveError(OpenAIError):
@@ -25,10 +30,23 @@ class ModelFailedError(AutoserveError):
     """
 
     def __init__(self, model: str, error: str) -> None:
+        super().__init__(self._noted(model, error))
+
+    def _noted(self, model: str, error: str) -> str:
+        """Keep ``model`` and ``error``; the message."""
         self.model = model
         self.error = error.strip() or "the engine failed (the gateway gave no details)"
         prefix = "" if self.error.startswith("[") else f"[{model}] "
-        super().__init__(f"{prefix}{self.error}")
+        return f"{prefix}{self.error}"
+
+
+class ModelFailedResponse(ModelFailedError, InternalServerError):
+    """A request answered ``503 model_failed``: code written for the plain SDK catches it as
+    the ``openai.InternalServerError`` it is there (``.status_code``, ``.response``)."""
+
+    def __init__(self, model: str, error: str, *, response: httpx2.Response, body: Any) -> None:
+        message = self._noted(model, error)
+        InternalServerError.__init__(self, message, response=response, body=body)
 
 
 class ModelStartTimeout(AutoserveError):

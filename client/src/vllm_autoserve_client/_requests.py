@@ -64,6 +64,8 @@ class GatewayError:
 
     code: str | None
     message: str
+    body: Any = None
+    """The ``error`` object, as the SDK's errors carry it in ``.body``."""
 
     @classmethod
     def parse(cls, content: bytes) -> GatewayError:
@@ -73,9 +75,10 @@ class GatewayError:
             return cls(None, content.decode(errors="replace").strip())
         error = body.get("error") if isinstance(body, dict) else None
         if not isinstance(error, dict):
-            return cls(None, "")
+            return cls(None, "", body)
         code = error.get("code")
-        return cls(code if isinstance(code, str) else None, str(error.get("message") or ""))
+        message = str(error.get("message") or "")
+        return cls(code if isinstance(code, str) else None, message, error)
 
 
 def is_gateway_503(request: httpx2.Request, response: httpx2.Response) -> str | None:
