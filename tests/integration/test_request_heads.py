@@ -7,7 +7,9 @@ import socket
 import time
 
 import httpx
+import openai
 import psutil
+import pytest
 
 from tests.support.gateway import TEST_KEY, fake_model, running_gateway
 
@@ -109,3 +111,7 @@ def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -
             answer = httpx.get(gw.url + path, headers={**gw.headers, "Host": "evil.example"})
             assert answer.status_code == 404 and "location" not in answer.headers
             assert answer.json()["error"]["code"] == "not_found"
+        # A client whose base URL lacks /v1 is told so.
+        sdk = openai.OpenAI(base_url=gw.url, api_key=gw.api_key, max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="does the client's base URL end in /v1"):
+            sdk.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])

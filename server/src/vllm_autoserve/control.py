@@ -6,6 +6,7 @@ pass-through of ``/v1/*`` does not go through here (see ``app.py``).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,11 @@ from .errors import (
 )
 from .pools.registry import Pools
 from .pools.status import ModelEntry, PoolState
+
+# OpenAI's routes without their /v1: what a client sends whose base URL lacks it.
+_OPENAI_WITHOUT_V1 = re.compile(
+    r"^/(chat/completions|completions|embeddings|models|responses|audio|messages)(/|$)"
+)
 
 
 class UpRequest(BaseModel):
@@ -81,10 +87,18 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         return _error_response(BadRequest("invalid request: " + "; ".join(problems)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 405:
             return _error_response(MethodNotAllowed("method not allowed on this route"))
         if exc.status_code == 404:
+            path = request.url.path
+            if _OPENAI_WITHOUT_V1.match(path):  # a client whose base URL lacks /v1
+                return _error_response(
+                    NotFound(
+                        f"no such route; the OpenAI API is under /v1 (/v1{path}): does "
+                        "the client's base URL end in /v1?"
+                    )
+                )
             return _error_response(NotFound("no such route"))
         return _error_response(BadRequest(str(exc.detail)))
 
