@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .errors import GatewayError
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -21,3 +23,16 @@ async def send_bytes(
         headers = [*headers, (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, error: GatewayError) -> None:
+    """``error`` as a complete response, in OpenAI's error format."""
+    await send_bytes(send, error.status, error.body_bytes(), error.headers())
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of the request header ``name`` (lower case), if any."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None

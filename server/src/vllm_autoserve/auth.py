@@ -6,6 +6,8 @@ from __future__ import annotations
 import hmac
 import os
 
+from .errors import Unauthorized
+
 AUTH_ENV = "VLLM_GATEWAY_AUTH"
 
 
@@ -47,3 +49,8 @@ class ApiKeys:
         for key in self._keys:
             matched |= hmac.compare_digest(token, key)
         return matched
+
+
+def unauthorized() -> Unauthorized:
+    """The answer to a request without a valid key."""
+    return Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")

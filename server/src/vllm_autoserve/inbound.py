@@ -190,3 +190,14 @@ def _json_type(value: object) -> str:
         type(None): "null",
     }
     return names.get(type(value), type(value).__name__)
+
+
+def is_json(content_type: bytes | None) -> bool:
+    """Whether a ``Content-Type`` says JSON."""
+    return content_type is not None and content_type.lower().startswith(b"application/json")
+
+
+def with_json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` saying the body is JSON (``curl -d`` says form-urlencoded)."""
+    kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+    return [*kept, (b"content-type", b"application/json")]
