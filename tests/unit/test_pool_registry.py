@@ -33,6 +33,9 @@ class InstantPools(Pools):
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         return InstantPool(name, settings, self.config)
 
+    def _backend_of(self, settings: ModelConfig) -> str:
+        return InstantPool.backend
+
 
 def make_pools() -> InstantPools:
     config: Config = parse_config(

@@ -114,6 +114,24 @@ class ModelSettings(_Strict):
     memory_snapshot: bool | None = None
     """Modal: opt in to memory snapshots for faster cold starts (single-GPU models only)."""
 
+    def gpu_count(self) -> int:
+        """GPUs one engine needs: ``2`` or ``"H100:2"`` → 2, ``"H100"`` → 1, unset → the
+        tensor-parallel size, or 1."""
+        if isinstance(self.gpu, int):
+            return self.gpu
+        if isinstance(self.gpu, str):
+            _, _, count = self.gpu.partition(":")
+            return int(count) if count else 1
+        return self.tensor_parallel_size or 1
+
+    def effective_startup_seconds(self, gateway: GatewaySettings) -> float:
+        """This model's start deadline: its own, else the gateway's."""
+        return self.startup_seconds or gateway.startup_seconds
+
+    def effective_idle_seconds(self, gateway: GatewaySettings) -> float:
+        """How long this model's engine may idle: its own, else the gateway's."""
+        return self.idle_seconds or gateway.idle_seconds
+
     @field_validator("gpu")
     @classmethod
     def _gpu_spec(cls, value: str | int | None) -> str | int | None:

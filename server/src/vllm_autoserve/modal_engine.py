@@ -26,7 +26,7 @@ import aiohttp
 
 from .config import Config
 from .engine import EngineFailed, EngineProcess, engine_environment, vllm_command
-from .modal_layout import ENGINE_PORT, modal_gpu
+from .modal_layout import ENGINE_PORT
 
 log = logging.getLogger("vllm_autoserve.modal_engine")
 
@@ -46,10 +46,7 @@ def engine_argv(
 ) -> tuple[list[str], dict[str, str]]:
     """vLLM's command line and extra environment for ``model`` in an engine container."""
     settings = config.model(model)
-    tensor_parallel = settings.tensor_parallel_size
-    if tensor_parallel is None:
-        _, _, count = modal_gpu(settings.gpu).partition(":")
-        tensor_parallel = int(count or 1)
+    tensor_parallel = settings.tensor_parallel_size or settings.gpu_count()
     extra = [*FAST_BOOT_ARGS, *(SLEEP_MODE_ARGS if sleep_mode else ()), *(settings.vllm_args or [])]
     argv = vllm_command(
         python=sys.executable,
@@ -81,7 +78,7 @@ class ContainerEngine:
         self.model = model
         self.port = port
         self.api_key = api_key
-        configured = config.model(model).startup_seconds or config.gateway.startup_seconds
+        configured = config.model(model).effective_startup_seconds(config.gateway)
         # Modal kills a container whose start outlasts the class's startup_timeout (the same
         # setting); the engine's own deadline comes first, leaving time to stop vLLM and
         # report why it failed.

@@ -93,9 +93,9 @@ def engine_shape(config: Config, model: str) -> EngineShape:
         max_inputs=settings.max_inputs or DEFAULT_MAX_INPUTS,
         # Modal accepts 2..3600 s.
         scaledown_seconds=int(
-            min(max(settings.idle_seconds or config.gateway.idle_seconds, 2), 3600)
+            min(max(settings.effective_idle_seconds(config.gateway), 2), 3600)
         ),
-        startup_seconds=int(settings.startup_seconds or config.gateway.startup_seconds),
+        startup_seconds=int(settings.effective_startup_seconds(config.gateway)),
         max_containers=settings.max_containers,
         memory_snapshot=snapshot,
     )

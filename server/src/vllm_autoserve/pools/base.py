@@ -125,11 +125,11 @@ class Pool(ABC):
 
     @property
     def idle_seconds(self) -> float:
-        return self.settings.idle_seconds or self.config.gateway.idle_seconds
+        return self.settings.effective_idle_seconds(self.config.gateway)
 
     @property
     def startup_seconds(self) -> float:
-        return self.settings.startup_seconds or self.config.gateway.startup_seconds
+        return self.settings.effective_startup_seconds(self.config.gateway)
 
     # -- the state machine ----------------------------------------------------------------
 
@@ -319,8 +319,8 @@ class Pool(ABC):
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
             self._restart_after_stop = True
-        elif self._state is not PoolState.FAILED or self._cooldown_left() == 0:
-            self._kick("up")
+        else:
+            self._kick("up")  # starts a cold pool, or a failed one past its cooldown
         deadline = time.monotonic() + wait
         while self._state not in (PoolState.HEALTHY, PoolState.FAILED):
             remaining = deadline - time.monotonic()

@@ -18,7 +18,7 @@ from ..engine import EngineFailed, EngineProcess, engine_environment, fill_place
 from ..engine import vllm_command as build_vllm_command
 from .base import Pool, PoolState, StopReason, Upstream
 from .registry import Pools
-from .slots import EngineSlots, SlotHolder, detect_gpus, gpu_count
+from .slots import EngineSlots, SlotHolder, detect_gpus
 from .static import StaticPool
 
 log = logging.getLogger("vllm_autoserve.pools")
@@ -103,7 +103,7 @@ class LocalPool(Pool):
     async def _launch(self) -> Upstream:
         if self._watcher is not None:  # the clean-up after an engine that died
             await asyncio.wait({self._watcher})  # however it ends; this task stays cancellable
-        count = gpu_count(self.settings.gpu, self.settings.tensor_parallel_size)
+        count = self.settings.gpu_count()
         self._awaiting_slot = True  # stays so if the startup deadline cuts the wait short
         devices = await self._slots.acquire(self.name, count, self._neighbours)
         self._awaiting_slot = False
@@ -217,6 +217,9 @@ class LocalPools(Pools):
             # every new name a key holder sends starts one more.
             max_engines = CPU_HOST_MAX_ENGINES
         self.slots = EngineSlots(devices, max_engines)
+
+    def _backend_of(self, settings: ModelConfig) -> str:
+        return StaticPool.backend if settings.url is not None else LocalPool.backend
 
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         if settings.url is not None:

@@ -258,8 +258,8 @@ class ModalPools(Pools):
             engine_key=self.engine_key,
         )
 
-    def _create_backend_name(self, name: str) -> str:
-        return "static" if self.config.model(name).url else "modal"
+    def _backend_of(self, settings: ModelConfig) -> str:
+        return StaticPool.backend if settings.url is not None else ModalPool.backend
 
 
 def _entry(value: Any) -> tuple[str, float] | None:

@@ -46,6 +46,10 @@ class Pools(ABC):
     def _create(self, name: str, settings: ModelConfig) -> Pool:
         """Build the pool for a canonical model name."""
 
+    @abstractmethod
+    def _backend_of(self, settings: ModelConfig) -> str:
+        """The ``backend`` of the pool ``_create`` would build, without building it."""
+
     def resolve(self, requested: str) -> str:
         """Canonical name of a requested model or alias (raises 400/404 errors)."""
         return self.config.resolve(requested)
@@ -90,11 +94,8 @@ class Pools(ABC):
             in_flight=0,
             engines=0,
             aliases=self.config.aliases_of(name),
-            backend=self._create_backend_name(name),
+            backend=self._backend_of(self.config.model(name)),
         )
-
-    def _create_backend_name(self, name: str) -> str:
-        return "static" if self.config.model(name).url else "local"
 
     def healthy_upstreams(self) -> list[tuple[str, Upstream]]:
         return [

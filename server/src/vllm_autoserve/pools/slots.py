@@ -55,16 +55,6 @@ def detect_gpus(configured: int | None) -> list[int]:
     return list(range(len(re.findall(r"^GPU \d+", out, re.MULTILINE))))
 
 
-def gpu_count(gpu: str | int | None, tensor_parallel_size: int | None) -> int:
-    """GPUs one engine needs: ``2`` or ``"H100:2"`` → 2, ``"H100"`` → 1, unset → TP size or 1."""
-    if isinstance(gpu, int):
-        return gpu
-    if isinstance(gpu, str):
-        _, _, count = gpu.partition(":")
-        return int(count) if count else 1
-    return tensor_parallel_size or 1
-
-
 class EngineSlots:
     def __init__(self, devices: Sequence[int], max_engines: int | None = None) -> None:
         self.devices = list(devices)
