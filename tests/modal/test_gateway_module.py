@@ -159,6 +159,7 @@ def test_engine_class_settings(load: Callable[[str | None], ModuleType]) -> None
     assert lifecycle(cls) == {"start": "enter", "stop": "exit"}
     web = methods["serve"].params.webhook_config
     assert (web.web_server_port, web.web_server_startup_timeout) == (8000, 900)
+    assert web.requires_proxy_auth is False  # unless [gateway] modal_proxy_auth
     obj = cls(model_path=BIG)  # a parametrized instance: one pool per model
     assert obj is not None
 
@@ -234,3 +235,9 @@ def test_the_engine_key_is_read_daily_so_that_modal_never_drops_it(
     assert isinstance(key, str) and len(key) >= 32
     asyncio.run(gateway.keep_engine_key.local())  # later runs keep it
     assert state.data["engine-key"] == key
+
+
+def test_proxy_auth_closes_every_engine_url(load: Callable[[str | None], ModuleType]) -> None:
+    gateway = load(CONFIG.replace("[gateway]\n", "[gateway]\nmodal_proxy_auth = true\n", 1))
+    for cls in gateway.ENGINE_CLASSES.values():
+        assert partials(cls)["serve"].params.webhook_config.requires_proxy_auth is True

@@ -16,6 +16,7 @@ from tests.support.waiting import standalone_fake_engine
 from vllm_autoserve.app import GatewayApp, create_app
 from vllm_autoserve.auth import ApiKeys
 from vllm_autoserve.config import parse_config
+from vllm_autoserve.errors import ConfigError
 from vllm_autoserve.modal_layout import ENGINE_KEY
 from vllm_autoserve.pools.modal import ModalPools
 
@@ -41,6 +42,8 @@ class RecordingEngine:
                 "query": dict(request.query),
                 "auth": request.headers.get("Authorization"),
                 "model": body.get("model"),
+                "modal_key": request.headers.get("Modal-Key"),
+                "modal_secret": request.headers.get("Modal-Secret"),
             }
         )
         message = {"role": "assistant", "content": "hello"}
@@ -115,6 +118,8 @@ async def test_up_pending_healthy_then_chat(recording: tuple[RecordingEngine, st
                 "query": {"model_path": MODEL},
                 "auth": f"Bearer {state.data[ENGINE_KEY]}",  # never the client's key
                 "model": "qwen",  # the engine serves its aliases too
+                "modal_key": None,
+                "modal_secret": None,
             }
         ]
         assert state.data[ENGINE_KEY] != GATEWAY_KEY
@@ -180,3 +185,42 @@ async def test_request_held_until_the_cold_model_is_healthy_then_proxied_to_the_
         await client.aclose()
         await app.shutdown()
     assert stats["auth_headers"][-1] == f"Bearer {ENGINE_KEY_VALUE}"
+
+
+async def test_with_proxy_auth_engines_get_the_gateways_proxy_token_and_no_clients(
+    recording: tuple[RecordingEngine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream, url = recording
+    monkeypatch.setenv("MODAL_PROXY_KEY", "wk-gateway")
+    monkeypatch.setenv("MODAL_PROXY_SECRET", "ws-gateway")
+    state, engines = FakeDict(), FakeEngines(url=url)
+    config = parse_config({**CONFIG, "gateway": {"hold_seconds": 10, "modal_proxy_auth": True}})
+    app = create_app(
+        ModalPools(config, state=state, engines=engines), config, ApiKeys([GATEWAY_KEY])
+    )
+    client = await started(app)
+    try:
+        await client.post("/up", json={"model_path": MODEL})
+        await spawned(engines)
+        engines.settle(DONE)
+        answer = await client.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Modal-Key": "wk-client", "Modal-Secret": "ws-client"},
+        )
+        assert answer.status_code == 200, answer.text
+        seen = upstream.seen[0]
+        assert (seen["modal_key"], seen["modal_secret"]) == ("wk-gateway", "ws-gateway")
+        assert seen["auth"] == f"Bearer {state.data[ENGINE_KEY]}"
+    finally:
+        await client.aclose()
+        await app.shutdown()
+
+
+def test_proxy_auth_without_a_token_stops_the_gateway_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MODAL_PROXY_KEY", raising=False)
+    config = parse_config({"gateway": {"modal_proxy_auth": True}})
+    with pytest.raises(ConfigError, match="modal workspace proxy-tokens create"):
+        ModalPools(config, state=FakeDict(), engines=FakeEngines(url="http://127.0.0.1:9"))

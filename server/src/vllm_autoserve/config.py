@@ -71,6 +71,10 @@ class GatewaySettings(_Strict):
     ``https://chat.example.com``, or ``*`` for any page. None by default, as in vLLM 0.32."""
     min_containers: Annotated[int, Field(ge=0)] = 0
     """Modal: gateway containers kept warm (0: the gateway, too, scales to zero when idle)."""
+    modal_proxy_auth: bool = False
+    """Modal: engine URLs answer only requests carrying a workspace proxy token, which the
+    gateway reads from ``MODAL_PROXY_KEY`` and ``MODAL_PROXY_SECRET`` in its secret: nobody
+    else can start engines or keep them busy (see docs/deploy.md, Security)."""
 
     @field_validator("cors_origins")
     @classmethod

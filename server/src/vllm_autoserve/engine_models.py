@@ -48,7 +48,9 @@ class EngineModels:
         return found[1] if found else None
 
     async def _ask(self, name: str, upstream: Upstream) -> None:
-        headers = {"Authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+        headers = {k.decode(): v.decode() for k, v in upstream.headers}
+        if upstream.api_key:
+            headers["Authorization"] = f"Bearer {upstream.api_key}"
         try:
             async with self._pools.session().get(
                 upstream.url + "/v1/models",

@@ -218,8 +218,13 @@ def _engine_class(name: str, shape: EngineShape) -> Any:
         "__doc__": f"Engines on {shape.gpu}, one container pool per model_path.",
         "__annotations__": {"model_path": str},
         "model_path": modal.parameter(),  # one autoscaled container pool per model
-        # Requests reach vLLM on its port; Modal waits this long for it to listen.
-        "serve": modal.web_server(ENGINE_PORT, startup_timeout=shape.startup_seconds)(_serve),
+        # Requests reach vLLM on its port; Modal waits this long for it to listen. With
+        # modal_proxy_auth, Modal's front refuses requests without the proxy token.
+        "serve": modal.web_server(
+            ENGINE_PORT,
+            startup_timeout=shape.startup_seconds,
+            requires_proxy_auth=CONFIG.gateway.modal_proxy_auth,
+        )(_serve),
     }
     user_cls = type(name, (_SnapshotEngine if shape.memory_snapshot else _Engine,), namespace)
     # vLLM batches concurrent requests: one container takes max_inputs at once.

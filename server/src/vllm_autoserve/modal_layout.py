@@ -21,6 +21,7 @@ Shared state, one ``modal.Dict`` named ``vllm-autoserve-state``:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
@@ -46,6 +47,8 @@ SAFE_HOLD = 140.0
 """Longest wait that still answers before Modal's redirect (a web request that has not
 started its response after 150 s is answered with a 303)."""
 ENGINE_KEY = "engine-key"
+PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret
+PROXY_SECRET_ENV = "MODAL_PROXY_SECRET"
 
 
 class StateDict(Protocol):
@@ -92,9 +95,7 @@ def engine_shape(config: Config, model: str) -> EngineShape:
         gpu=gpu,
         max_inputs=settings.max_inputs or DEFAULT_MAX_INPUTS,
         # Modal accepts 2..3600 s.
-        scaledown_seconds=int(
-            min(max(settings.effective_idle_seconds(config.gateway), 2), 3600)
-        ),
+        scaledown_seconds=int(min(max(settings.effective_idle_seconds(config.gateway), 2), 3600)),
         startup_seconds=int(settings.effective_startup_seconds(config.gateway)),
         max_containers=settings.max_containers,
         memory_snapshot=snapshot,
@@ -146,3 +147,18 @@ async def report_failure(state: StateDict, model: str, error: str) -> None:
     """Tell the gateways why this model's engine failed (Modal retries a crashed container
     forever and never fails the waiting ``boot`` call, so the Dict carries the reason)."""
     await state.put(failure_key(model), {"error": error, "at": time.time()})
+
+
+def proxy_headers(config: Config) -> tuple[tuple[bytes, bytes], ...]:
+    """The proxy token the gateway sends to engines that require one (``[gateway]
+    modal_proxy_auth``), from its environment; none otherwise."""
+    if not config.gateway.modal_proxy_auth:
+        return ()
+    key, secret = os.environ.get(PROXY_KEY_ENV, ""), os.environ.get(PROXY_SECRET_ENV, "")
+    if not (re.fullmatch(r"[\x21-\x7e]+", key) and re.fullmatch(r"[\x21-\x7e]+", secret)):
+        raise ConfigError(
+            f"[gateway] modal_proxy_auth = true needs {PROXY_KEY_ENV} and {PROXY_SECRET_ENV} "
+            f"in the {GATEWAY_SECRET!r} secret: create a token with `modal workspace "
+            "proxy-tokens create` and add its Modal-Key and Modal-Secret there"
+        )
+    return ((b"Modal-Key", key.encode()), (b"Modal-Secret", secret.encode()))

@@ -47,6 +47,8 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"authorization",
     b"x-api-key",
     b"expect",
+    b"modal-key",  # Modal's proxy token: the gateway's to send, never a client's
+    b"modal-secret",
 }
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -146,6 +148,7 @@ class Proxy:
         authorization = _authorization(upstream.api_key, target)
         if authorization:
             lines.append(b"Authorization: %s\r\n" % authorization)
+        lines.extend(b"%s: %s\r\n" % header for header in upstream.headers)
         if body or method in _BODY_METHODS:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"\r\n")

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
-from ..modal_layout import StateDict, boot_key, engine_key, failure_key
+from ..modal_layout import StateDict, boot_key, engine_key, failure_key, proxy_headers
 from .base import Pool, PoolStatus, StopReason, Upstream
 from .registry import Pools
 from .static import StaticPool
@@ -86,11 +86,13 @@ class ModalPool(Pool):
         state: StateDict,
         engines: EngineHandles,
         engine_key: Callable[[], Awaitable[str]],
+        proxy_headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         super().__init__(name, settings, config)
         self._shared = state
         self._handles = engines
         self._engine_key = engine_key
+        self._proxy_headers = proxy_headers
 
     @property
     def idle_seconds(self) -> float:
@@ -110,7 +112,8 @@ class ModalPool(Pool):
             log.info("[%s] the pool scaled to zero since its last boot; booting again", self.name)
             await self._forget(call_id)
         url = (await self._handles.web_url(self.name)).rstrip("/")
-        return Upstream(url=url, api_key=key, params=(("model_path", self.name),))
+        params = (("model_path", self.name),)
+        return Upstream(url=url, api_key=key, params=params, headers=self._proxy_headers)
 
     async def _boot_call(self) -> tuple[str, float, bool]:
         """The model's boot call (id, claim time, spawned here): the one in the Dict, or one
@@ -233,6 +236,7 @@ class ModalPools(Pools):
             state, engines = live_handles(config)
         self.state = state
         self.engines = engines
+        self.proxy_headers = proxy_headers(config)  # fails the start-up if missing
         self._key: str | None = None
         self._key_lock = asyncio.Lock()
 
@@ -256,6 +260,7 @@ class ModalPools(Pools):
             state=self.state,
             engines=self.engines,
             engine_key=self.engine_key,
+            proxy_headers=self.proxy_headers,
         )
 
     def _backend_of(self, settings: ModelConfig) -> str:

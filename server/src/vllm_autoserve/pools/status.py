@@ -39,6 +39,8 @@ class Upstream:
     """Sent upstream as ``Authorization: Bearer``; never the gateway's own key."""
     params: tuple[tuple[str, str], ...] = ()
     """Query parameters added to every request (Modal routes by ``?model_path=``)."""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    """Headers added to every request (Modal's proxy token)."""
 
 
 @dataclass
