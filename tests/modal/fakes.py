@@ -53,6 +53,7 @@ class FakeEngines:
         self.spawned: list[tuple[str, str]] = []
         self.cancelled: list[str] = []
         self.min_containers: dict[str, int] = {}
+        self.scaledown_windows: dict[str, int] = {}
         self.auto_finish = False
         self.spawn_started = asyncio.Event()
 
@@ -99,3 +100,7 @@ class FakeEngines:
     async def set_min_containers(self, model: str, count: int) -> None:
         await asyncio.sleep(0)
         self.min_containers[model] = count
+
+    async def set_scaledown_window(self, model: str, seconds: int) -> None:
+        await asyncio.sleep(0)
+        self.scaledown_windows[model] = seconds

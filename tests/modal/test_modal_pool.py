@@ -181,6 +181,17 @@ async def test_down_unpins_and_forgets_the_boot_call() -> None:
     assert boot_key(MODEL) not in state.data
 
 
+async def test_down_lets_idle_containers_go_at_once_and_the_next_start_undoes_it() -> None:
+    pools, _, engines = make_pools(idle_seconds=600)
+    engines.auto_finish = True
+    await pools.get(MODEL).ensure_ready(5)
+    assert engines.scaledown_windows == {MODEL: 600}  # the deploy's window
+    await pools.get(MODEL).down()
+    assert engines.scaledown_windows == {MODEL: 2}  # idle GPUs go within seconds
+    await pools.get(MODEL).ensure_ready(5)
+    assert engines.scaledown_windows == {MODEL: 600}
+
+
 async def test_down_on_a_replica_that_never_started_the_model_still_releases_it() -> None:
     pools, state, engines = make_pools()
     state.data[boot_key(MODEL)] = {"call": "fc-theirs", "at": 1.0}

@@ -89,6 +89,9 @@ class LiveEngines:
     async def set_min_containers(self, model: str, count: int) -> None:
         await self._obj(model).update_autoscaler.aio(min_containers=count)
 
+    async def set_scaledown_window(self, model: str, seconds: int) -> None:
+        await self._obj(model).update_autoscaler.aio(scaledown_window=seconds)
+
 
 def live_handles(config: Config) -> tuple[LiveDict, LiveEngines]:
     return LiveDict(), LiveEngines(config)

@@ -47,6 +47,8 @@ SAFE_HOLD = 140.0
 """Longest wait that still answers before Modal's redirect (a web request that has not
 started its response after 150 s is answered with a 303)."""
 ENGINE_KEY = "engine-key"
+MODAL_MIN_SCALEDOWN = 2
+"""The shortest ``scaledown_window`` Modal accepts (up to 3600 s)."""
 PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret
 PROXY_SECRET_ENV = "MODAL_PROXY_SECRET"
 
@@ -94,8 +96,9 @@ def engine_shape(config: Config, model: str) -> EngineShape:
     return EngineShape(
         gpu=gpu,
         max_inputs=settings.max_inputs or DEFAULT_MAX_INPUTS,
-        # Modal accepts 2..3600 s.
-        scaledown_seconds=int(min(max(settings.effective_idle_seconds(config.gateway), 2), 3600)),
+        scaledown_seconds=int(
+            min(max(settings.effective_idle_seconds(config.gateway), MODAL_MIN_SCALEDOWN), 3600)
+        ),
         startup_seconds=int(settings.effective_startup_seconds(config.gateway)),
         max_containers=settings.max_containers,
         memory_snapshot=snapshot,

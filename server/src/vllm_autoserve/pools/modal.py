@@ -30,7 +30,15 @@ from typing import Any, Protocol
 
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
-from ..modal_layout import StateDict, boot_key, engine_key, failure_key, proxy_headers
+from ..modal_layout import (
+    MODAL_MIN_SCALEDOWN,
+    StateDict,
+    boot_key,
+    engine_key,
+    engine_shape,
+    failure_key,
+    proxy_headers,
+)
 from .base import Pool, PoolStatus, StopReason, Upstream
 from .registry import Pools
 from .static import StaticPool
@@ -71,6 +79,10 @@ class EngineHandles(Protocol):
 
     async def set_min_containers(self, model: str, count: int) -> None: ...
 
+    async def set_scaledown_window(self, model: str, seconds: int) -> None:
+        """How long the model's idle containers stay up (overrides the class's)."""
+        ...
+
 
 class ModalPool(Pool):
     """One model's Modal container pool, as seen by one gateway replica."""
@@ -93,6 +105,7 @@ class ModalPool(Pool):
         self._handles = engines
         self._engine_key = engine_key
         self._proxy_headers = proxy_headers
+        self._scaledown_seconds = engine_shape(config, name).scaledown_seconds
 
     @property
     def idle_seconds(self) -> float:
@@ -103,6 +116,8 @@ class ModalPool(Pool):
 
     async def _launch(self) -> Upstream:
         key = await self._engine_key()
+        # Undo a /down's short window (the configured one is the class's, from the deploy).
+        await self._handles.set_scaledown_window(self.name, self._scaledown_seconds)
         if self.settings.min_containers:
             await self._handles.set_min_containers(self.name, self.settings.min_containers)
         while True:
@@ -180,20 +195,25 @@ class ModalPool(Pool):
         whether or not this replica started it."""
         status = await super().down(reason)
         if reason is StopReason.DOWN:
-            await self._release(unpin=True)
+            await self._release(unpin=True, now=True)
         return status
 
     async def _terminate(self, reason: StopReason | None) -> None:
         if reason is None:  # a failed start: the next start must spawn a fresh boot
             await self._release(unpin=bool(self.settings.min_containers))
 
-    async def _release(self, *, unpin: bool) -> None:
+    async def _release(self, *, unpin: bool, now: bool = False) -> None:
+        """Forget the boot call everywhere; ``unpin``: lift a ``min_containers`` pin; ``now``:
+        let idle containers go within seconds, not after the scale-down window (``/down``,
+        as Ollama's and llama-swap's unload free the GPU at once)."""
         try:
             entry = _entry(await self._shared.pop(boot_key(self.name)))
             if entry is not None and entry[0]:
                 await self._handles.cancel_boot(entry[0])  # stops a crash-looping start
             if unpin:
                 await self._handles.set_min_containers(self.name, 0)
+            if now:
+                await self._handles.set_scaledown_window(self.name, MODAL_MIN_SCALEDOWN)
         except Exception:
             log.exception("[%s] could not release the Modal pool", self.name)
 
