@@ -51,6 +51,15 @@ def test_chat_reads_its_prompt_from_stdin(
     assert body["messages"] == [{"role": "user", "content": "Summarise this\nand that\n"}]
 
 
+def test_chat_refuses_an_empty_prompt(
+    gateway: FakeGateway, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `autoserve chat m < /dev/null`
+    status, _, err = run(capsys, "chat", "m")
+    assert status == 1 and "the prompt is empty" in err
+    assert gateway.bodies("/v1/chat/completions") == []
+
+
 @pytest.mark.parametrize("command", [["status"], ["down", "m"], ["up", "m"]])
 def test_a_server_that_is_no_gateway_is_told_apart(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]

@@ -9,10 +9,11 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import httpx2
 import openai
 import pytest
 
-from vllm_autoserve_client import AutoserveClient, cli
+from vllm_autoserve_client import AutoserveClient, ModelStartTimeout, cli
 
 
 class SilentServer:
@@ -85,3 +86,17 @@ def test_quick_commands_give_up_after_their_timeout(
     argv = ["--base-url", silent.url, "--api-key", "k", *command, "--timeout", "0.5"]
     assert cli.main(argv) == 1
     assert "did not answer in time" in capsys.readouterr().err
+
+
+def test_a_gateway_that_answers_only_errors_is_not_said_to_be_unreachable() -> None:
+    failing = httpx2.MockTransport(lambda _: httpx2.Response(502, json={"error": {}}))
+    client = AutoserveClient(
+        model="m",
+        base_url="http://gw.test/v1",
+        api_key="k",
+        up_timeout=0.5,
+        http_client=httpx2.Client(transport=failing),
+    )
+    with pytest.raises(ModelStartTimeout) as info:
+        client.wait_until_ready()
+    assert "did not answer" not in str(info.value)

@@ -466,6 +466,13 @@ def test_a_host_without_gpus_runs_three_engines_at_most_by_default() -> None:
         assert "max_engines = 3" in gw.log()
 
 
+def test_every_pinned_model_gets_a_slot_on_a_host_without_gpus() -> None:
+    pinned = "min_containers = 1"
+    cfg = "[gateway]\nlocal_gpus = 0\n" + "".join(fake_model(n, extra=pinned) for n in "abcd")
+    with running_gateway(cfg) as gw:
+        wait_for(lambda: all(gw.status()[n]["state"] == "healthy" for n in "abcd"), timeout=30)
+
+
 def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
     cfg = "[gateway]\nlocal_gpus = 1\nhold_seconds = 1\n"
     cfg += fake_model("a", extra="gpu = 1") + fake_model("b", extra="gpu = 1")

@@ -22,6 +22,7 @@ from modal._partial_function import _find_partial_methods_for_user_cls, _Partial
 from modal._utils.async_utils import synchronizer
 
 from vllm_autoserve.config import parse_config
+from vllm_autoserve.modal_engine import ContainerEngine
 from vllm_autoserve.modal_layout import class_for, engine_shape
 
 CONFIG = """
@@ -147,7 +148,7 @@ def test_engine_class_settings(load: Callable[[str | None], ModuleType]) -> None
     assert [repr(s) for s in spec.secrets] == ["modal.Secret.from_name('autoserve-hf-secret')"]
     opts = options(cls)
     assert opts["scaledown_window"] == 600
-    assert opts["startup_timeout"] == 900
+    assert opts["startup_timeout"] == 960  # the engine's own deadline (900 s) comes first
     assert opts["timeout"] == 60 * 60
     assert opts["max_concurrent_inputs"] == 16
     assert opts["max_containers"] == 3
@@ -158,7 +159,7 @@ def test_engine_class_settings(load: Callable[[str | None], ModuleType]) -> None
     assert set(methods) == {"serve", "boot"}
     assert lifecycle(cls) == {"start": "enter", "stop": "exit"}
     web = methods["serve"].params.webhook_config
-    assert (web.web_server_port, web.web_server_startup_timeout) == (8000, 900)
+    assert (web.web_server_port, web.web_server_startup_timeout) == (8000, 960)
     assert web.requires_proxy_auth is False  # unless [gateway] modal_proxy_auth
     obj = cls(model_path=BIG)  # a parametrized instance: one pool per model
     assert obj is not None
@@ -241,3 +242,14 @@ def test_proxy_auth_closes_every_engine_url(load: Callable[[str | None], ModuleT
     gateway = load(CONFIG.replace("[gateway]\n", "[gateway]\nmodal_proxy_auth = true\n", 1))
     for cls in gateway.ENGINE_CLASSES.values():
         assert partials(cls)["serve"].params.webhook_config.requires_proxy_auth is True
+
+
+def test_the_engine_gives_up_before_modal_kills_its_container(
+    load: Callable[[str | None], ModuleType],
+) -> None:
+    # The engine keeps the deadline the user set; Modal's startup_timeout is longer, or the
+    # container would die before it can stop vLLM and report the log tail.
+    gateway = load("[gateway]\nstartup_seconds = 300\n")
+    engine = ContainerEngine(BIG, gateway.CONFIG, api_key="k")
+    assert engine.startup_seconds == 300
+    assert options(gateway.Engine)["startup_timeout"] > engine.startup_seconds

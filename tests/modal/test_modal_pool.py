@@ -181,15 +181,29 @@ async def test_down_unpins_and_forgets_the_boot_call() -> None:
     assert boot_key(MODEL) not in state.data
 
 
-async def test_down_lets_idle_containers_go_at_once_and_the_next_start_undoes_it() -> None:
+async def test_down_lets_idle_containers_go_at_once_then_restores_the_window() -> None:
     pools, _, engines = make_pools(idle_seconds=600)
     engines.auto_finish = True
     await pools.get(MODEL).ensure_ready(5)
     assert engines.scaledown_windows == {MODEL: 600}  # the deploy's window
+    engines.runner_count = 1
     await pools.get(MODEL).down()
     assert engines.scaledown_windows == {MODEL: 2}  # idle GPUs go within seconds
+    await asyncio.sleep(0.1)
+    assert engines.scaledown_windows == {MODEL: 2}  # while a container still runs
+    engines.runner_count = 0  # gone: other replicas' users get the deploy's window again
+    await wait_for(lambda: engines.scaledown_windows == {MODEL: 600})
+
+
+async def test_a_start_after_down_restores_the_window_at_once() -> None:
+    pools, _, engines = make_pools(idle_seconds=600)
+    engines.auto_finish = True
+    engines.runner_count = 1
+    await pools.get(MODEL).down()
+    assert engines.scaledown_windows == {MODEL: 2}
     await pools.get(MODEL).ensure_ready(5)
     assert engines.scaledown_windows == {MODEL: 600}
+    await pools.close()
 
 
 async def test_down_on_a_replica_that_never_started_the_model_still_releases_it() -> None:

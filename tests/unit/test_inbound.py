@@ -88,8 +88,9 @@ def test_an_alias_in_json_is_replaced_and_every_other_byte_kept() -> None:
         b'{"metadata": {"model": "alias"}, "model": "alias", "n": 1}',  # a nested key too
         b'{"model": "other", "model": "alias", "n": 1}',  # repeated: the last one counts
         b'{"model": "\\u0061lias", "n": 1}',  # written escaped
+        b'{"mod\\u0065l": "alias", "metadata": {"model": "alias"}, "n": 1}',  # key escaped
     ],
-    ids=["nested", "repeated", "escaped"],
+    ids=["nested", "repeated", "escaped", "escaped-key"],
 )
 def test_an_alias_is_replaced_at_the_top_level_only_however_it_is_written(body: bytes) -> None:
     model, where = model_of(body, b"application/json")

@@ -1,4 +1,4 @@
-"""The OpenAI SDK's own constructor and ``copy`` arguments (openai 3.57), spelled out.
+"""The OpenAI SDK's own constructor and ``copy`` arguments (openai 3.0 to 3.57), spelled out.
 
 The clients take them as ``**kwargs`` and hand them on; typing those kwargs with these
 ``TypedDict``s lets a type checker catch a misspelt ``max_retries`` or ``timeout`` as it does
@@ -21,6 +21,7 @@ class _SharedOptions(TypedDict, total=False):
     organization: str | None
     project: str | None
     webhook_secret: str | None
+    # Not in the oldest 3.x SDKs (3.0 raises TypeError for it).
     data_residency: Literal["global", "us", "eu", "ae", "au", "in", "jp"] | None
     websocket_base_url: str | httpx2.URL | None
     timeout: float | Timeout | NotGiven | None

@@ -91,6 +91,7 @@ class PoolWait:
         self.on_wait = on_wait
         self.connect_attempts = max(1, connect_attempts)
         self._answered = False  # the last call got an answer: the gateway is there
+        self._heard = False  # some call got an HTTP answer, if only an error
         self._started = time.monotonic()
         self._state: str | None = None
         self._waited = False
@@ -130,7 +131,7 @@ class PoolWait:
 
     def timeout_error(self) -> ModelStartTimeout:
         return ModelStartTimeout(
-            self.model, self.elapsed(), self._state, answered=self._state is not None
+            self.model, self.elapsed(), self._state, answered=self._state is not None or self._heard
         )
 
     def retrying(self) -> dict[str, Any]:
@@ -152,6 +153,7 @@ class PoolWait:
             self._failed_connections += 1
             return self._failed_connections < self.connect_attempts
         if isinstance(exc, APIStatusError):
+            self._heard = True  # the gateway answered, with an error
             return _retryable_status(exc.status_code)
         return False
 

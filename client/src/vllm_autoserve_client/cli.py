@@ -47,7 +47,9 @@ from ._errors import AutoserveError
 from ._settings import DEFAULT_UP_TIMEOUT, resolve_base_url
 
 QUICK_TIMEOUT = 10.0
-"""Seconds ``status``, ``down`` and ``models`` give the gateway (``--timeout``)."""
+"""Seconds ``status`` and ``models`` give the gateway (``--timeout``), and any to connect."""
+DOWN_TIMEOUT = 60.0
+"""Seconds ``down`` waits for its answer (``--timeout``): the engine's stop takes a while."""
 
 _STATE_STYLES = {
     "healthy": "green",
@@ -164,7 +166,8 @@ def _print_whole(out: Console, table: Table) -> None:
 
 
 def _down(args: argparse.Namespace, out: Console, err: Console) -> None:
-    answer = _quick_client(args).down(args.model)
+    # A local /down waits for the engine to exit: up to stop_grace_seconds, then SIGKILL.
+    answer = _quick_client(args, read=DOWN_TIMEOUT).down(args.model)
     out.print(Text(f"{args.model}: down (now {answer.get('state', 'cold')})"))
 
 
@@ -189,6 +192,8 @@ def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
         if sys.stdin.isatty():
             raise AutoserveError("no prompt: give one after MODEL, or pipe it in")
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise AutoserveError("the prompt is empty")
     waiting = _Waiting(args.model)
     client = _client(args, on_wait=waiting.on_wait)
     _wait_with_spinner(client, waiting, err, None)
@@ -212,10 +217,12 @@ def _chat(args: argparse.Namespace, out: Console, err: Console) -> None:
     sys.stdout.write("\n")
 
 
-def _quick_client(args: argparse.Namespace) -> AutoserveClient:
-    """For a call the gateway answers at once: no retry, and a gateway that does not answer
-    is reported in seconds, not after the SDK's ten minutes."""
-    timeout = QUICK_TIMEOUT if args.timeout is None else args.timeout
+def _quick_client(args: argparse.Namespace, read: float = QUICK_TIMEOUT) -> AutoserveClient:
+    """For a call the gateway answers soon (``read`` s): no retry, and a gateway that does
+    not answer is reported in seconds, not after the SDK's ten minutes."""
+    timeout = httpx2.Timeout(read, connect=QUICK_TIMEOUT)
+    if args.timeout is not None:
+        timeout = httpx2.Timeout(args.timeout)
     return AutoserveClient(
         base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=timeout
     )
@@ -314,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=None,
-        help=f"give up after this many seconds (default {QUICK_TIMEOUT:.0f})",
+        help=f"give up after this many seconds (default {QUICK_TIMEOUT:.0f}; down: "
+        f"{DOWN_TIMEOUT:.0f})",
     )
     add("status", _status, "show every pool the gateway knows", quick_timeout)
     down = add("down", _down, "stop a model's pool", quick_timeout)

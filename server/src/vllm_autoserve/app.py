@@ -156,9 +156,8 @@ class GatewayApp:
         try:
             await self.control(scope, receive, noting_start)
         except asyncio.CancelledError:
-            if (
-                not started
-            ):  # an /up long-poll when the drain ended (see passthrough._answer_shutdown)
+            # An /up long-poll when the drain ended (see passthrough._answer_shutdown).
+            if not started:
                 with contextlib.suppress(Exception):
                     await send_error(send, ShuttingDown())
 

@@ -236,11 +236,18 @@ class EngineProcess:
 
     async def answers_health(self, session: aiohttp.ClientSession) -> bool:
         """Whether ``/health`` answers 200 within 5 s."""
+        return await self.health(session) is True
+
+    async def health(self, session: aiohttp.ClientSession) -> bool | None:
+        """``/health``: True if it answers 200 within 5 s, None if it does not answer in
+        time (a busy engine may be slow), False otherwise (refused, dropped, not 200)."""
         try:
             timeout = aiohttp.ClientTimeout(total=5)
             async with session.get(self.health_url, timeout=timeout) as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except TimeoutError:
+            return None
+        except (aiohttp.ClientError, OSError):
             return False
 
     async def wait_exit(self) -> int:

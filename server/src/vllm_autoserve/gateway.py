@@ -31,6 +31,7 @@ from .modal_layout import (
     HF_CACHE_VOLUME,
     HF_SECRET,
     SAFE_HOLD,
+    START_MARGIN_SECONDS,
     VLLM_CACHE_VOLUME,
     EngineShape,
     engine_key,
@@ -197,7 +198,8 @@ def engine_options(shape: EngineShape) -> dict[str, Any]:
         },
         "secrets": [hf_secret],  # HF_TOKEN only: engines never see the gateway's keys
         "scaledown_window": shape.scaledown_seconds,  # idle_seconds: then scale to zero
-        "startup_timeout": shape.startup_seconds,  # loading large weights takes minutes
+        # Loading large weights takes minutes; the engine's own deadline comes first.
+        "startup_timeout": shape.startup_seconds + START_MARGIN_SECONDS,
         "timeout": REQUEST_TIMEOUT,  # one request (a long generation) may run this long
         "max_containers": shape.max_containers,  # cost ceiling of one model's pool
         "enable_memory_snapshot": shape.memory_snapshot,  # opt-in: faster cold starts
@@ -222,7 +224,7 @@ def _engine_class(name: str, shape: EngineShape) -> Any:
         # modal_proxy_auth, Modal's front refuses requests without the proxy token.
         "serve": modal.web_server(
             ENGINE_PORT,
-            startup_timeout=shape.startup_seconds,
+            startup_timeout=shape.startup_seconds + START_MARGIN_SECONDS,
             requires_proxy_auth=CONFIG.gateway.modal_proxy_auth,
         )(_serve),
     }

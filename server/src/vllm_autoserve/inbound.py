@@ -117,7 +117,10 @@ def with_model(body: bytes, model: str, form_value: slice | None, asked: str) ->
         start = key.end()
         sent = orjson.dumps(asked)
         if body.startswith(sent, start):
-            return body[:start] + orjson.dumps(model) + body[start + len(sent) :]
+            replaced = body[:start] + orjson.dumps(model) + body[start + len(sent) :]
+            # Unless the one literal key was a nested one (the top-level key escaped).
+            if orjson.loads(replaced).get("model") == model:
+                return replaced
     # Otherwise (nested or repeated keys, an escaped name): the standard library's json
     # keeps every number exactly as sent, big integers included.
     try:

@@ -38,7 +38,6 @@ lost. ``vllm_args = ["--no-enforce-eager"]`` in the configuration turns it back 
 takes the last occurrence of a flag)."""
 SLEEP_MODE_ARGS = ("--enable-sleep-mode",)
 SLEEP_MODE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # exposes /sleep and /wake_up
-REPORT_MARGIN_SECONDS = 60.0  # between the engine's start deadline and Modal's
 
 
 def engine_argv(
@@ -78,11 +77,9 @@ class ContainerEngine:
         self.model = model
         self.port = port
         self.api_key = api_key
-        configured = config.model(model).effective_startup_seconds(config.gateway)
-        # Modal kills a container whose start outlasts the class's startup_timeout (the same
-        # setting); the engine's own deadline comes first, leaving time to stop vLLM and
-        # report why it failed.
-        self.startup_seconds = max(configured - REPORT_MARGIN_SECONDS, configured / 2)
+        # Modal's startup_timeout is START_MARGIN_SECONDS longer: the engine's deadline comes
+        # first, leaving time to stop vLLM and report why it failed.
+        self.startup_seconds = config.model(model).effective_startup_seconds(config.gateway)
         default_argv, extra_env = engine_argv(config, model, port=port, sleep_mode=sleep_mode)
         self.process = EngineProcess(
             model,

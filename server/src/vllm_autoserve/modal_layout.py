@@ -47,6 +47,9 @@ SAFE_HOLD = 140.0
 """Longest wait that still answers before Modal's redirect (a web request that has not
 started its response after 150 s is answered with a 303)."""
 ENGINE_KEY = "engine-key"
+START_MARGIN_SECONDS = 60
+"""Modal's ``startup_timeout`` and the gateway's wait exceed an engine's own start deadline
+(``startup_seconds``) by this much, so that they see its failure, log tail included."""
 MODAL_MIN_SCALEDOWN = 2
 """The shortest ``scaledown_window`` Modal accepts (up to 3600 s)."""
 PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret

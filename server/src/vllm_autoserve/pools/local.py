@@ -143,13 +143,14 @@ class LocalPool(Pool):
             self._probe = asyncio.create_task(self._probe_engine(self._engine))
 
     async def _probe_engine(self, engine: EngineProcess) -> None:
-        """Stop ``engine`` as if it had died if ``/health`` fails twice, 1 s apart (the
-        watcher cleans up; the next request after the cooldown starts it anew)."""
+        """Stop ``engine`` as if it had died if ``/health`` is refused twice, 1 s apart (the
+        watcher cleans up; the next request after the cooldown starts it anew). A health
+        check that only times out stops nothing: a busy engine on a small host may be slow."""
         try:
             for attempt in range(2):
                 if attempt:
                     await asyncio.sleep(_PROBE_PAUSE)
-                if await engine.answers_health(self._session()):
+                if await engine.health(self._session()) is not False:
                     return
             if self._engine is engine and engine.returncode is None:  # else: it exited
                 self._engine_died(
@@ -214,8 +215,13 @@ class LocalPools(Pools):
         max_engines = config.gateway.max_engines
         if max_engines is None and not devices:
             # Nothing else bounds CPU engines (a few GB of memory each): without a bound,
-            # every new name a key holder sends starts one more.
-            max_engines = CPU_HOST_MAX_ENGINES
+            # every new name a key holder sends starts one more. Pinned ones all get a slot.
+            pinned = sum(
+                1
+                for name in config.models
+                if config.model(name).min_containers and config.model(name).url is None
+            )
+            max_engines = max(CPU_HOST_MAX_ENGINES, pinned)
         self.slots = EngineSlots(devices, max_engines)
 
     def _backend_of(self, settings: ModelConfig) -> str:
@@ -239,7 +245,7 @@ class LocalPools(Pools):
         if self.config.gateway.max_engines is None and not self.slots.hands_out_gpus:
             log.info(
                 "no GPUs: [gateway] max_engines = %d (local engines at once; set it to change)",
-                CPU_HOST_MAX_ENGINES,
+                self.slots.max_engines,
             )
         for name in self.config.models:
             settings = self.config.model(name)

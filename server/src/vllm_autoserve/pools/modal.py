@@ -23,6 +23,7 @@ protocols (``StateDict``, ``EngineHandles``) so that tests can pass stand-ins;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from ..config import Config, ModelConfig
 from ..engine import EngineFailed
 from ..modal_layout import (
     MODAL_MIN_SCALEDOWN,
+    START_MARGIN_SECONDS,
     StateDict,
     boot_key,
     engine_key,
@@ -51,6 +53,10 @@ CLAIM_SECONDS = 60.0
 """A claim with no call id after this long was left by a replica that died while spawning."""
 IDLE_MARGIN_SECONDS = 30.0
 """Go cold this much before Modal scales the pool down, so a stale 'healthy' is never routed."""
+RESTORE_WINDOW_WITHIN = 120.0
+"""After a ``/down``, the pool's scale-down window is 2 s until its containers are gone, at
+most this long."""
+RESTORE_POLL_SECONDS = 1.0
 
 
 class BootExpired(Exception):
@@ -106,18 +112,24 @@ class ModalPool(Pool):
         self._engine_key = engine_key
         self._proxy_headers = proxy_headers
         self._scaledown_seconds = engine_shape(config, name).scaledown_seconds
+        self._restore: asyncio.Task[None] | None = None  # the window, after a /down
 
     @property
     def idle_seconds(self) -> float:
         configured = super().idle_seconds
         return max(configured - IDLE_MARGIN_SECONDS, configured / 2)
 
+    @property
+    def startup_seconds(self) -> float:
+        # The engine's own deadline is startup_seconds from its container's start; this wait
+        # began before, so it gets the margin Modal gets (the failure, with its tail, first).
+        return super().startup_seconds + START_MARGIN_SECONDS
+
     # -- start ----------------------------------------------------------------------------
 
     async def _launch(self) -> Upstream:
         key = await self._engine_key()
-        # Undo a /down's short window (the configured one is the class's, from the deploy).
-        await self._handles.set_scaledown_window(self.name, self._scaledown_seconds)
+        await self._restore_window()  # if a /down shortened it
         if self.settings.min_containers:
             await self._handles.set_min_containers(self.name, self.settings.min_containers)
         while True:
@@ -202,6 +214,29 @@ class ModalPool(Pool):
         if reason is None:  # a failed start: the next start must spawn a fresh boot
             await self._release(unpin=bool(self.settings.min_containers))
 
+    async def _restore_window_when_gone(self) -> None:
+        """The deploy's scale-down window again once the pool's containers are gone (or
+        after a while): other replicas may still route to the pool, and with a window of
+        2 s it would go cold at every pause of their users."""
+        polls = int(RESTORE_WINDOW_WITHIN / RESTORE_POLL_SECONDS)
+        with contextlib.suppress(Exception):  # a start restores it too
+            for _ in range(polls):  # Modal says when containers are gone only when asked
+                if await self._handles.runners(self.name) == 0:
+                    break
+                await asyncio.sleep(RESTORE_POLL_SECONDS)
+        await self._restore_window()
+
+    async def _restore_window(self) -> None:
+        try:
+            await self._handles.set_scaledown_window(self.name, self._scaledown_seconds)
+        except Exception:  # a start must not fail for it: the pool only lingers less
+            log.exception("[%s] could not restore the scale-down window", self.name)
+
+    def refuse_starts(self) -> None:
+        super().refuse_starts()
+        if self._restore is not None:
+            self._restore.cancel()  # the gateway stops; the next start restores it
+
     async def _release(self, *, unpin: bool, now: bool = False) -> None:
         """Forget the boot call everywhere; ``unpin``: lift a ``min_containers`` pin; ``now``:
         let idle containers go within seconds, not after the scale-down window (``/down``,
@@ -214,6 +249,10 @@ class ModalPool(Pool):
                 await self._handles.set_min_containers(self.name, 0)
             if now:
                 await self._handles.set_scaledown_window(self.name, MODAL_MIN_SCALEDOWN)
+                if self._restore is None or self._restore.done():
+                    self._restore = asyncio.create_task(
+                        self._restore_window_when_gone(), name=f"window {self.name}"
+                    )
         except Exception:
             log.exception("[%s] could not release the Modal pool", self.name)
 
