@@ -120,6 +120,7 @@ class PoolWait:
         """Return a healthy answer; raise ``ModelFailedError``, or ``_Pending`` to poll again."""
         body, retry_after = answer
         self._answered = True
+        self._heard = True
         status = str(body.get("status") or "pending")
         state = str(body.get("state") or status)
         self._report(state)
@@ -130,9 +131,7 @@ class PoolWait:
         raise _Pending(state, retry_after, held=seconds >= HELD)
 
     def timeout_error(self) -> ModelStartTimeout:
-        return ModelStartTimeout(
-            self.model, self.elapsed(), self._state, answered=self._state is not None or self._heard
-        )
+        return ModelStartTimeout(self.model, self.elapsed(), self._state, answered=self._heard)
 
     def retrying(self) -> dict[str, Any]:
         """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying``."""

@@ -198,7 +198,7 @@ class EngineProcess:
         while True:
             if self._exited.done():
                 raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
-            if await self.answers_health(session):
+            if await self.health(session) is True:
                 if not self.own_listener or await asyncio.to_thread(self._owns_port) is not False:
                     return
                 if not warned:
@@ -233,10 +233,6 @@ class EngineProcess:
         except (psutil.Error, AttributeError):  # not allowed to look; a psutil before 6.0
             return None
         return False
-
-    async def answers_health(self, session: aiohttp.ClientSession) -> bool:
-        """Whether ``/health`` answers 200 within 5 s."""
-        return await self.health(session) is True
 
     async def health(self, session: aiohttp.ClientSession) -> bool | None:
         """``/health``: True if it answers 200 within 5 s, None if it does not answer in

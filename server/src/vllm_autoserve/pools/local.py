@@ -216,11 +216,8 @@ class LocalPools(Pools):
         if max_engines is None and not devices:
             # Nothing else bounds CPU engines (a few GB of memory each): without a bound,
             # every new name a key holder sends starts one more. Pinned ones all get a slot.
-            pinned = sum(
-                1
-                for name in config.models
-                if config.model(name).min_containers and config.model(name).url is None
-            )
+            settings = [config.model(name) for name in config.models]
+            pinned = sum(1 for model in settings if model.min_containers and model.url is None)
             max_engines = max(CPU_HOST_MAX_ENGINES, pinned)
         self.slots = EngineSlots(devices, max_engines)
 
