@@ -223,9 +223,7 @@ def _quick_client(args: argparse.Namespace, read: float = QUICK_TIMEOUT) -> Auto
     timeout = httpx2.Timeout(read, connect=QUICK_TIMEOUT)
     if args.timeout is not None:
         timeout = httpx2.Timeout(args.timeout)
-    return AutoserveClient(
-        base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=timeout
-    )
+    return _client(args, max_retries=0, timeout=timeout)
 
 
 def _client(args: argparse.Namespace, **kwargs: Any) -> AutoserveClient:
