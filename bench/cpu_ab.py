@@ -1,7 +1,7 @@
 """CPU per request of gateway variants, side by side: the quick check for a hot-path change.
 
     uv run python bench/cpu_ab.py [--rounds 4] [--seconds 4] \\
-        base=/work/main/server/src  lean=/tmp/scratch/lean  quiet=@warning ...
+        base=-  changed=/tmp/changed/server/src  quiet=-@warning ...
 
 Each ``NAME=SRC`` runs ``vllm-autoserve serve`` with ``SRC`` first on PYTHONPATH (``-`` for the
 installed package); a ``@LEVEL`` suffix sets ``--log-level`` (``@warning`` turns the access

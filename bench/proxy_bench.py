@@ -75,7 +75,7 @@ UPSTREAM_KINDS = {
 # Non-streamed chat against a real engine stops here (the tiny model never ends on its own).
 REAL_ENGINE_CHAT_TOKENS = 8
 
-# The budget of issue 6, as ratios to direct access in the same run.
+# The proxy overhead budget, as ratios to direct access in the same run.
 BUDGET = {
     "p50_c1": 3.0,
     "p50_c16": 2.0,
@@ -923,7 +923,7 @@ def write_results(text: str, path: Path, marker: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Proxy overhead budget (issue 6).")
+    parser = argparse.ArgumentParser(description="Proxy overhead budget.")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about 3 minutes)")
     parser.add_argument("--no-peers", action="store_true", help="skip nginx and LiteLLM")
     parser.add_argument(

@@ -58,10 +58,12 @@ def test_cold_start_through_the_client_then_chat_stream_and_completions(
 
 
 def test_models_are_listed_through_the_gateway(vllm_gateway: Gateway) -> None:
+    with vllm_gateway.client(timeout=400) as c:  # up already, unless this test runs alone
+        assert c.post("/up", json={"model_path": "tiny-a", "wait": 300}).json()["status"] == "healthy"
     sdk = openai.OpenAI(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key)
     models = {m.id: m for m in sdk.models.list()}
     assert {"tiny-a", "tiny", "tiny-b"} <= set(models)
-    # As vLLM lists it, for clients that size prompts by it (tiny-a is up since the first test).
+    # As vLLM lists it, for clients that size prompts by it.
     lengths = {name: (models[name].model_extra or {}).get("max_model_len") for name in models}
     assert isinstance(lengths["tiny-a"], int) and lengths["tiny-a"] > 0
     assert lengths["tiny"] == lengths["tiny-a"]
@@ -129,12 +131,14 @@ def test_two_models_are_up_at_once(vllm_gateway: Gateway) -> None:
 
 
 def test_idle_model_scales_to_zero_and_the_next_request_starts_it(vllm_gateway: Gateway) -> None:
+    with vllm_gateway.client(timeout=400) as c:  # up already, unless this test runs alone
+        assert c.post("/up", json={"model_path": "tiny-b", "wait": 300}).json()["status"] == "healthy"
     old = api_server_pid(vllm_gateway, "tiny-b")
     wait_for(lambda: vllm_gateway.status()["tiny-b"]["state"] == "cold", timeout=60)
     wait_for(lambda: not psutil.pid_exists(old), timeout=30)
     client = AutoserveClient(base_url=vllm_gateway.url + "/v1", api_key=vllm_gateway.api_key)
     reply = client.chat.completions.create(model="tiny-b", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
-    assert reply.choices[0].message.content is not None
+    assert reply.choices[0].message.content
     assert api_server_pid(vllm_gateway, "tiny-b") != old
 
 
@@ -143,6 +147,7 @@ def test_engine_killed_mid_stream_is_an_error_and_the_next_request_is_served(
 ) -> None:
     client = AutoserveClient(model="tiny-a", base_url=vllm_gateway.url + "/v1",
                              api_key=vllm_gateway.api_key, max_retries=0)
+    client.wait_until_ready(timeout=300)  # up already, unless this test runs alone
     victim = api_server_pid(vllm_gateway, "tiny-a")
     group = [p.pid for p in psutil.Process(victim).children(recursive=True)] + [victim]
     received: list[str] = []
@@ -173,5 +178,5 @@ def test_engine_killed_mid_stream_is_an_error_and_the_next_request_is_served(
     assert "exited with code" in status["error"]
     time.sleep(1.2)  # the failure cooldown
     reply = client.chat.completions.create(messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
-    assert reply.choices[0].message.content is not None
+    assert reply.choices[0].message.content
     assert api_server_pid(vllm_gateway, "tiny-a") != victim

@@ -15,6 +15,10 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
+def test_the_readme_has_python_examples() -> None:
+    assert len(BLOCKS) >= 2  # the sync and async clients: an empty list would skip the test below
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"python-{i}" for i in range(len(BLOCKS))])
 def test_readme_python_example(block: str) -> None:
     config = "[gateway]\nhold_seconds = 0.5\n" + fake_model(

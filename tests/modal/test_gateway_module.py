@@ -162,7 +162,7 @@ def test_engine_class_settings(load: Callable[[str | None], ModuleType]) -> None
     assert (web.web_server_port, web.web_server_startup_timeout) == (8000, 960)
     assert web.requires_proxy_auth is False  # unless [gateway] modal_proxy_auth
     obj = cls(model_path=BIG)  # a parametrized instance: one pool per model
-    assert obj is not None
+    assert obj.model_path == BIG
 
 
 def test_memory_snapshot_class(load: Callable[[str | None], ModuleType]) -> None:

@@ -45,6 +45,7 @@ class Engine:
         self.requests = 0
         self.cancelled = 0
         self.completed_streams = 0
+        self.events_written = 0  # server-sent events handed to the socket, every stream
         self.auth_headers: list[str] = []
         self.x_api_keys: list[str] = []
         self.started = time.time()
@@ -83,6 +84,7 @@ class Engine:
                 "requests": self.requests,
                 "cancelled": self.cancelled,
                 "completed_streams": self.completed_streams,
+                "events_written": self.events_written,
                 "auth_headers": self.auth_headers,
                 "x_api_keys": self.x_api_keys,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -228,7 +230,8 @@ class Engine:
             await response.write(event[: len(event) // 2])
             await asyncio.sleep(0.02)
             event = event[len(event) // 2 :]
-        await response.write(event)
+        await response.write(event)  # waits while the reader holds back (flow control)
+        self.events_written += 1
 
     async def transcriptions(self, request: web.Request) -> web.Response:
         """Says what it was sent: the model, the language and the audio's size."""

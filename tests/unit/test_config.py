@@ -7,7 +7,7 @@ import pytest
 from vllm_autoserve.config import Config, check_model_name, load_config, parse_config
 from vllm_autoserve.errors import ConfigError, InvalidModelName, ModelNotFound
 
-DESIGN_EXAMPLE = '''
+FULL_EXAMPLE = '''
 [gateway]
 hold_seconds = 120
 idle_seconds = 900
@@ -32,9 +32,9 @@ url = "http://127.0.0.1:9000"
 '''
 
 
-def test_the_documented_example_loads(tmp_path: Path) -> None:
+def test_a_config_with_every_kind_of_model_loads(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text(DESIGN_EXAMPLE)
+    path.write_text(FULL_EXAMPLE)
     config = load_config(path)
     assert config.resolve("qwen-next") == "Qwen/Qwen3-Next-80B-A3B-Instruct"
     qwen = config.model("Qwen/Qwen3-Next-80B-A3B-Instruct")

@@ -33,6 +33,10 @@ def _toml_blocks() -> list[tuple[str, str]]:
     return blocks
 
 
+def test_the_docs_have_toml_examples() -> None:
+    assert len(_toml_blocks()) >= 5  # an empty list would skip the test below
+
+
 @pytest.mark.parametrize(("where", "block"), _toml_blocks())
 def test_every_toml_example_in_the_docs_is_a_valid_config(where: str, block: str) -> None:
     parse_config(tomllib.loads(block), source=where)

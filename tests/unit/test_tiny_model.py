@@ -21,10 +21,6 @@ import pytest
 from vllm_autoserve import cpu_engine, tiny_model
 from vllm_autoserve.tiny_model import TinyModelError, write_tiny_model
 
-needs_tokenizers = pytest.mark.skipif(
-    tiny_model._load_tokenizers() is None, reason="needs the tiny-model extra (tokenizers)"
-)
-
 
 def digest(path: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
@@ -44,8 +40,6 @@ def bf16_to_floats(data: bytes) -> array[float]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if tiny_model._load_tokenizers() is None:
-        pytest.skip("needs the tiny-model extra (tokenizers)")
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
@@ -105,7 +99,6 @@ def test_only_printable_tokens_are_reachable(model: Path) -> None:
         assert set(row0) == {0.0}
 
 
-@needs_tokenizers
 def test_deterministic_per_seed(model: Path, tmp_path: Path) -> None:
     again = write_tiny_model(tmp_path / "again")
     assert digest(again) == digest(model)
@@ -114,7 +107,6 @@ def test_deterministic_per_seed(model: Path, tmp_path: Path) -> None:
     assert other["tokenizer.json"] == digest(model)["tokenizer.json"]
 
 
-@needs_tokenizers
 def test_idempotent_and_rewrites_for_another_seed(tmp_path: Path) -> None:
     path = write_tiny_model(tmp_path / "m")
     weights = path / "model.safetensors"
@@ -140,7 +132,6 @@ def test_refuses_to_overwrite_other_things(tmp_path: Path) -> None:
     assert (tmp_path / "real" / "config.json").read_text() == "{}"
 
 
-@needs_tokenizers
 def test_runs_as_a_standalone_script(model: Path, tmp_path: Path) -> None:
     script = Path(tiny_model.__file__)
     out = tmp_path / "script"
@@ -151,7 +142,6 @@ def test_runs_as_a_standalone_script(model: Path, tmp_path: Path) -> None:
     assert digest(out) == digest(model)
 
 
-@needs_tokenizers
 def test_without_tokenizers_runs_in_the_engine_python(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,7 +161,8 @@ def test_without_tokenizers_or_engine_says_what_to_install(
 
 
 def test_loads_with_transformers(model: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the dev group installs it, with tokenizers
+
     config = transformers.AutoConfig.from_pretrained(model)
     assert config.model_type == "llama" and config.head_dim == 64
     assert config.tie_word_embeddings is True

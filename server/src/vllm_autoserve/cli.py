@@ -82,7 +82,8 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         timeout_graceful_shutdown=math.ceil(config.gateway.drain_seconds),
         loop="auto",
         http=bounded_http_protocol(config.gateway.client_header_seconds),
-        proxy_headers=False,  # nothing here reads the client's address
+        # X-Forwarded-For is not trusted: the access line names the peer that connected.
+        proxy_headers=False,
     )
     server = GatewayServer(uv_config, on_stopping=app.stopping)
     tune_gc_for_serving()

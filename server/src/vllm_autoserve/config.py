@@ -63,7 +63,8 @@ class GatewaySettings(_Strict):
     max_engines: Annotated[int, Field(ge=1)] | None = None
     """Local engines running or starting at once; when full, an idle one is stopped to make
     room (least recently used first), else the start waits. Unset: as many as GPUs allow;
-    on a host without GPUs, 3 (as Ollama loads at most 3 models on CPU)."""
+    on a host without GPUs, 3 (as Ollama loads at most 3 models on CPU), or the number of
+    pinned models if that is more."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
     """Routes answered without a key (``/health`` always is)."""
     cors_origins: list[str] = []

@@ -1,7 +1,7 @@
 """The gateway's own routes: ``/up``, ``/down``, ``/status``, ``/v1/models``, ``/metrics``.
 
 These are small and rare, so they use FastAPI (validation, OpenAPI at ``/docs``); the hot
-pass-through of ``/v1/*`` does not go through here (see ``app.py``).
+pass-through of ``/v1/*`` does not go through here (see ``passthrough.py``).
 """
 
 from __future__ import annotations

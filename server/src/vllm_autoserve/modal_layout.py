@@ -1,6 +1,6 @@
 """What the Modal gateway and the engine containers agree on: names, engine shapes, shared state.
 
-Names are part of the deployment contract (DESIGN.md, "Modal deployment"): the app
+Names are part of the deployment contract (docs/deploy.md): the app
 ``vllm-autoserve``, the gateway's label ``gateway``, the secrets ``vllm-gateway-auth`` and
 ``autoserve-hf-secret``, the volumes ``huggingface-cache`` and ``vllm-cache``.
 
