@@ -14,13 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 
 from tests.support.gateway import Gateway, fake_model, running_gateway
+from tests.support.waiting import wait_for
 from vllm_autoserve_client import (
     AsyncAutoserveClient,
     AutoserveClient,
     ModelFailedError,
+    ModelFailedResponse,
     ModelStartTimeout,
 )
 
@@ -39,6 +42,7 @@ def gateway() -> Iterator[Gateway]:
         + fake_model("acrowd", *SLOW)
         + fake_model("down", *SLOW)
         + fake_model("broken", "--fail-at-start", "boom message", "--startup-delay", "0.5")
+        + fake_model("dies", "--die-after", "1")
         + fake_model("glacial", "--startup-delay", "30")
     )
     with running_gateway(config) as gw:
@@ -178,6 +182,24 @@ def test_a_failed_engine_raises_model_failed_error(gateway: Gateway) -> None:
     assert info.value.model == "broken"
 
 
+def test_an_engine_that_dies_after_serving_fails_the_requests_that_follow(
+    gateway: Gateway,
+) -> None:
+    with client_for(gateway, model="dies", max_retries=0) as client:
+        assert (chat(client) or "").startswith("tok0-dies")
+        with pytest.raises(openai.APIStatusError) as died:  # the engine exits on this one
+            chat(client)
+        assert died.value.status_code == 502
+        # Once the gateway has seen the engine exit, the model is failed (for its cooldown),
+        # and the SDK's own error class says so too.
+        wait_for(lambda: gateway.status()["dies"]["state"] == "failed", timeout=10)
+        with pytest.raises(ModelFailedResponse) as failed:
+            chat(client)
+    assert isinstance(failed.value, openai.InternalServerError)
+    assert failed.value.status_code == 503 and failed.value.code == "model_failed"
+    assert "exited with code 3" in failed.value.error
+
+
 def test_a_pool_too_slow_for_up_timeout_raises_model_start_timeout(gateway: Gateway) -> None:
     with client_for(gateway, model="glacial", up_timeout=2) as client:
         with pytest.raises(ModelStartTimeout) as info:
@@ -200,3 +222,6 @@ def test_the_cli_against_the_gateway(gateway: Gateway, capsys: pytest.CaptureFix
     assert "glacial" in capsys.readouterr().out
     assert cli.main([*base, "up", "broken"]) == 1
     assert "boom message" in capsys.readouterr().err
+    assert cli.main([*base, "down", "sync"]) == 0
+    assert capsys.readouterr().out.strip() == "sync: down (now cold)"
+    assert gateway.status()["sync"]["state"] == "cold"
