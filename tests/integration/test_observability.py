@@ -56,7 +56,12 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         status = gw.status()
         assert last_sent <= status["m"]["last_request"] <= time.time()
         assert status["m"]["in_flight"] == 0 and status["m"]["engines"] == 1
-        assert "ValueError: no such architecture" in status["bad"]["error"]
+        # The cause on the first line (what a status table or a one-line error shows), then
+        # the engine's log tail.
+        first, _, tail = status["bad"]["error"].partition("\n")
+        assert re.fullmatch(r"\[bad\] engine exited prematurely with code \d+: "
+                            r"ValueError: no such architecture", first), first
+        assert "ValueError: no such architecture" in tail
 
         time.sleep(0.2)
         log = gw.log()

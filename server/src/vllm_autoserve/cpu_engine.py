@@ -190,6 +190,11 @@ def _step(
         raise CpuEngineInstallError(failure, "\n".join(tail))
 
 
+def _lacks_cpu_torch(output: deque[str]) -> bool:
+    """Whether pip's output says it found no ``torch==…+cpu`` to install."""
+    return any("torch" in line and "+cpu" in line for line in output if "ERROR" in line)
+
+
 def install_cpu_engine(
     *,
     extra_index_url: str | None = None,
@@ -199,8 +204,8 @@ def install_cpu_engine(
     """Install vLLM's CPU build into its venv (once) and return the venv's python.
 
     A second call returns at once. ``extra_index_url`` is passed to pip as
-    ``--extra-index-url`` (``PYTORCH_CPU_INDEX`` on a machine whose pip does not already know
-    where ``torch==…+cpu`` is). ``force`` reinstalls from scratch. Raises
+    ``--extra-index-url``; without it, an install that finds no ``torch==…+cpu`` is tried
+    again with ``PYTORCH_CPU_INDEX``. ``force`` reinstalls from scratch. Raises
     ``CpuEngineInstallError`` carrying the tail of the output when a step fails.
     """
     root = cpu_engine_dir()
@@ -223,13 +228,18 @@ def install_cpu_engine(
 
         on_progress(f"==> pip install {CPU_ENGINE_REQUIREMENT} (minutes; about 3.5 GB on disk)")
         install = [*pip, "install", "--progress-bar", "off", CPU_ENGINE_REQUIREMENT]
-        install += ["--extra-index-url", extra_index_url] if extra_index_url else []
-        hint = (
-            ""
-            if extra_index_url
-            else f" (torch's +cpu wheels: --extra-index-url {PYTORCH_CPU_INDEX})"
-        )
-        _step(install, f"pip install {CPU_ENGINE_REQUIREMENT} failed{hint}", on_progress, tail)
+        failed = f"pip install {CPU_ENGINE_REQUIREMENT} failed"
+        try:
+            extra = ["--extra-index-url", extra_index_url] if extra_index_url else []
+            _step([*install, *extra], failed, on_progress, tail)
+        except CpuEngineInstallError:
+            # On x86-64 the build pins torch's +cpu wheel, which only PyTorch's own index has:
+            # unless told where to look, try there once.
+            if extra_index_url or not _lacks_cpu_torch(tail):
+                raise
+            extra_index_url = PYTORCH_CPU_INDEX
+            on_progress(f"==> torch's +cpu wheel is not on pip's index: trying {extra_index_url}")
+            _step([*install, "--extra-index-url", extra_index_url], failed, on_progress, tail)
 
         on_progress(f"==> pip uninstall {' '.join(CONFLICTING_PACKAGES)} (built for another torch)")
         uninstall = [*pip, "uninstall", "-y", *CONFLICTING_PACKAGES]

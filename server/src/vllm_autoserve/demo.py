@@ -75,16 +75,16 @@ curl:
     -H "Content-Type: application/json" \\
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 20}}'
 
-Python:
-  from vllm_autoserve_client import AutoserveClient
-  client = AutoserveClient(model="{model}", base_url="{base}/v1", api_key="{key}")
-  print(client.chat.completions.create(messages=[{{"role": "user", "content": "Hello"}}],
-                                       max_tokens=20).choices[0].message.content)
+Python (uv run python):
+from vllm_autoserve_client import AutoserveClient
+client = AutoserveClient(model="{model}", base_url="{base}/v1", api_key="{key}")
+print(client.chat.completions.create(messages=[{{"role": "user", "content": "Hello"}}],
+                                     max_tokens=20).choices[0].message.content)
 
-CLI (in a clone of the repository: `uv run autoserve ...`):
+CLI:
   export AUTOSERVE_BASE_URL={base}/v1 AUTOSERVE_API_KEY={key}
-  autoserve status
-  autoserve chat {model} "Hello"
+  uv run autoserve status
+  uv run autoserve chat {model} "Hello"
 
 Press Ctrl-C to stop the gateway and its engine.
 """.lstrip("\n")
@@ -119,6 +119,8 @@ def _warm_up(base: str, key: str, model: str) -> None:
 
 def run_demo(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
     from .cli import bind_problem, serve
+    from .cpu_engine import CpuEngineInstallError
+    from .tiny_model import TinyModelError
 
     problem = bind_problem(host, port)
     if problem:
@@ -127,7 +129,11 @@ def run_demo(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "inf
     if _has_gpu_vllm():
         config, model = gpu_demo_config()
     else:
-        config, model = cpu_demo_config(), DEMO_MODEL
+        try:
+            config, model = cpu_demo_config(), DEMO_MODEL
+        except (CpuEngineInstallError, TinyModelError) as exc:
+            print(f"vllm-autoserve: {exc}", file=sys.stderr)
+            return 1
     keys = keys_from_env()
     key = keys[0] if keys else secrets.token_urlsafe(24)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host

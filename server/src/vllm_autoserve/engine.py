@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -33,6 +34,19 @@ _LOG_KEEP_LINES = 400
 _HEALTH_INTERVAL = 0.1  # an engine that is up waits at most this long to be seen
 # Never handed to an engine: the gateway's own keys and tokens meant for the gateway.
 _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
+
+
+_EXCEPTION_LINE = re.compile(r"^(\([^)]*\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
+
+
+def with_cause(what: str, tail: str) -> str:
+    """``what`` went wrong, with the first exception in the engine's output tail after it on
+    the same line (where ``/status``, a log line or a client's one-line error shows it), then
+    the tail. The first: vLLM's last is "Engine core initialization failed. See root cause
+    above"."""
+    cause = next((line.strip() for line in tail.splitlines() if _EXCEPTION_LINE.match(line)), "")
+    head = f"{what}: {cause}" if cause else what
+    return f"{head}\n{tail}" if tail else head
 
 
 class EngineFailed(Exception):
@@ -181,8 +195,7 @@ class EngineProcess:
         return tail
 
     def failure(self, what: str) -> EngineFailed:
-        tail = self.log_tail()
-        return EngineFailed(f"[{self.name}] {what}" + (f"\n{tail}" if tail else ""))
+        return EngineFailed(with_cause(f"[{self.name}] {what}", self.log_tail()))
 
     async def wait_healthy(self, session: aiohttp.ClientSession) -> None:
         """Return once ``/health`` answers 200 from the engine; raise ``EngineFailed`` if the

@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 from .. import metrics
 from ..config import Config, ModelConfig
-from ..engine import EngineFailed
+from ..engine import EngineFailed, with_cause
 from ..errors import ModelFailed, ModelNotReady, ShuttingDown
 from .status import PoolState, PoolStatus, StopReason, Upstream
 
@@ -58,18 +57,10 @@ class IllegalTransition(RuntimeError):
 
 
 # "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
-_EXCEPTION_LINE = re.compile(r"^(\([^)]*\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
-
-
 def _summary(error: str | None) -> str | None:
-    """An error's first line, and the first exception in the engine's log tail, if any (what
-    went wrong, at the default log level: ``exited with code 1: OSError: ...``). The first:
-    vLLM's last is "Engine core initialization failed. See root cause above"."""
+    """An error's first line: what went wrong, and its cause (``with_cause``)."""
     lines = (error or "").strip().splitlines()
-    if not lines:
-        return None
-    cause = next((line for line in lines[1:] if _EXCEPTION_LINE.match(line)), None)
-    return f"{lines[0]}: {cause.strip()}" if cause else lines[0]
+    return lines[0] if lines else None
 
 
 class Pool(ABC):
@@ -222,8 +213,11 @@ class Pool(ABC):
             self._move(
                 PoolState.FAILED,
                 reason="startup deadline",
-                error=f"[{self.name}] engine did not become healthy within "
-                f"{self.startup_seconds:g} s\n{tail}".rstrip(),
+                error=with_cause(
+                    f"[{self.name}] engine did not become healthy within "
+                    f"{self.startup_seconds:g} s",
+                    tail,
+                ),
             )
         except EngineFailed as exc:
             await self._terminate(None)
