@@ -157,6 +157,11 @@ def test_up_long_polls_until_healthy_and_down_stops_the_engine() -> None:
         assert down["state"] == "cold"
         wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=10)
         assert gw.status()["m"]["engines"] == 0
+        # A name neither configured nor started (a typo of one, say) stops nothing: 404.
+        mistyped = c.post("/down", json={"model_path": "M/m"})
+        assert mistyped.status_code == 404
+        assert mistyped.json()["error"]["code"] == "model_not_found"
+        assert c.post("/down", json={"model_path": "m"}).json()["state"] == "cold"  # again
 
 
 def test_aliases_route_to_one_pool_and_models_are_listed() -> None:

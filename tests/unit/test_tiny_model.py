@@ -130,6 +130,11 @@ def test_refuses_to_overwrite_other_things(tmp_path: Path) -> None:
     with pytest.raises(TinyModelError, match="not a directory"):
         write_tiny_model(tmp_path / "file")
     assert (tmp_path / "real" / "config.json").read_text() == "{}"
+    tiny = write_tiny_model(tmp_path / "tiny")
+    (tiny / "my-notes.txt").write_text("mine")  # someone's file beside a tiny model
+    with pytest.raises(TinyModelError, match=r"my-notes\.txt"):
+        write_tiny_model(tiny, seed=7)
+    assert (tiny / "my-notes.txt").read_text() == "mine"
 
 
 def test_runs_as_a_standalone_script(model: Path, tmp_path: Path) -> None:

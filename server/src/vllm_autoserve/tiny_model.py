@@ -317,18 +317,26 @@ def write_tiny_model(path: Path, *, seed: int = 0) -> Path:
     """Write the tiny model into directory ``path`` (created if needed) and return it.
 
     Idempotent: a directory already holding the model for this seed is left as it is; one
-    holding it for another seed is rewritten. A non-empty directory that is not a tiny model
-    is refused, so that a real model is never overwritten.
+    holding it for another seed is rewritten. A non-empty directory that is not a tiny model,
+    or holds other files beside one, is refused, so that nothing else is ever overwritten.
     """
     path = Path(path).expanduser().absolute()
     if _is_current(path, seed):
         return path
-    if path.exists() and not path.is_dir():
-        raise TinyModelError(f"{path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
-        raise TinyModelError(
-            f"{path} is not empty and holds no tiny model: refusing to overwrite it"
-        )
+    if path.exists():
+        if not path.is_dir():
+            raise TinyModelError(f"{path} exists and is not a directory")
+        found = {entry.name for entry in path.iterdir()}
+        if found and MARKER not in found:
+            raise TinyModelError(
+                f"{path} is not empty and holds no tiny model: refusing to overwrite it"
+            )
+        others = sorted(found - {MARKER, *FILES})
+        if others:  # a tiny model, with someone's files beside it
+            raise TinyModelError(
+                f"{path} holds other files beside a tiny model ({', '.join(others[:3])}): "
+                "refusing to overwrite it"
+            )
     tk = _load_tokenizers()
     if tk is None:
         return _in_engine_python(path, seed)

@@ -12,6 +12,7 @@ import aiohttp
 
 from .. import metrics
 from ..config import Config, ModelConfig
+from ..errors import ModelNotFound
 from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus, StopReason, Upstream
 
@@ -71,9 +72,15 @@ class Pools(ABC):
 
     async def down(self, name: str) -> PoolStatus:
         """Stop a model's pool. A model never started here has nothing to stop, and gets no
-        pool (no row in ``/status``) unless its engines outlive this process (Modal)."""
+        pool (no row in ``/status``) unless its engines outlive this process (Modal); if it
+        is not configured either, the name is most likely mistyped: 404, as ``ollama stop``."""
         pool = self._pools.get(name)
         if pool is None and not self.engines_outlive_gateway:
+            if name not in self.config.models:
+                raise ModelNotFound(
+                    f"[{name}] is neither configured nor started here: nothing to stop",
+                    param="model_path",
+                )
             return self._cold_status(name)
         return await self.get(name).down()
 
