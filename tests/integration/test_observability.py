@@ -22,6 +22,9 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
            + fake_model("m", "--startup-delay", "0.5", "--chunks", "3")
            + fake_model("bad", "--fail-at-start", "ValueError: no such architecture"))
     with running_gateway(cfg) as gw, gw.client() as c:
+        text = c.get("/metrics").text  # every configured model, before any request
+        assert metric(text, "autoserve_pool_state", model="bad", state="cold") == 1
+        assert metric(text, "autoserve_pool_state", model="m", state="healthy") == 0
         assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
         last_sent = time.time()
         with c.stream("POST", "/v1/chat/completions",

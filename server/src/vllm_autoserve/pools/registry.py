@@ -42,6 +42,8 @@ class Pools(ABC):
         self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
         self._closing = False
+        for name in config.models:  # each configured model has its series from the start
+            metrics.set_pool_state(name, PoolState.COLD.value)
 
     @abstractmethod
     def _create(self, name: str, settings: ModelConfig) -> Pool:
