@@ -89,7 +89,13 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 405:
-            return _error_response(MethodNotAllowed("method not allowed on this route"))
+            allow = (exc.headers or {}).get("Allow")  # Starlette names the route's methods
+            return _error_response(
+                MethodNotAllowed(
+                    f"{request.url.path} takes {allow or 'another method'}, not {request.method}",
+                    allow=allow,
+                )
+            )
         if exc.status_code == 404:
             path = request.url.path
             if _OPENAI_WITHOUT_V1.match(path):  # a client whose base URL lacks /v1
