@@ -115,6 +115,17 @@ def test_retry_after_of_an_error_is_honoured(
     assert second - first >= 0.6
 
 
+def test_an_up_answer_the_gateway_says_not_to_retry_is_not_retried(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    # As a wait that /down cut: trying again would start the model just stopped.
+    gateway.up_errors.append((503, {"x-should-retry": "false"}))
+    client = make_client(model="m")
+    with pytest.raises(openai.InternalServerError):
+        chat(client)
+    assert gateway.paths() == ["/v1/up"]
+
+
 def test_retry_after_of_a_pending_answer_is_honoured(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:

@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from tests.integration.test_lifecycle import engine_starts
@@ -73,21 +74,62 @@ def test_client_leaving_a_non_streamed_request_cancels_it_upstream() -> None:
 
 def test_down_while_a_request_is_held_makes_it_give_up_and_the_model_stays_down() -> None:
     """/down during a held cold start answered 'cold', then the held request started the
-    model again at once."""
+    model again at once; later, the held request's 503 was one the OpenAI SDK retries, and
+    its retry started the model again a second after the /down."""
     cfg = fake_model("m", "--startup-delay", "3")
     with running_gateway(cfg) as gw, gw.client() as c:
-        result: dict[str, httpx.Response] = {}
-        held = threading.Thread(target=lambda: result.setdefault(
-            "r", c.post("/v1/chat/completions", json={"model": "m", **CHAT})))
-        held.start()
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=2)
+        errors: list[Exception] = []
+
+        def held() -> None:
+            try:
+                sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=held)
+        thread.start()
+        wait_for(lambda: gw.status()["m"]["state"] == "starting")
+        assert c.post("/down", json={"model_path": "m"}).json()["state"] == "cold"
+        thread.join()
+        [error] = errors
+        assert isinstance(error, openai.InternalServerError)
+        assert error.code == "model_stopped" and "stopped with /down" in error.message
+        time.sleep(1.5)  # past any retry the SDK would have made
+        assert gw.status()["m"]["state"] == "cold"
+        assert engine_starts(c, "m") == 1
+
+
+def test_down_while_an_up_waits_or_a_request_runs_leaves_the_model_down() -> None:
+    """A waiting /up started the model again as soon as a /down had stopped it; a request
+    under way that /down cut got a 502, which the OpenAI SDK retries (restarting the model)."""
+    cfg = fake_model("m", "--startup-delay", "2") + fake_model("busy", "--response-delay", "10")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        answers: dict[str, httpx.Response] = {}
+        waiting = threading.Thread(target=lambda: answers.setdefault(
+            "up", c.post("/up", json={"model_path": "m", "wait": 20})))
+        waiting.start()
         wait_for(lambda: gw.status()["m"]["state"] == "starting")
         with gw.client() as other:
-            assert other.post("/down", json={"model_path": "m"}).json()["state"] == "cold"
-        held.join()
-        assert result["r"].status_code == 503
-        assert result["r"].json()["error"]["code"] == "model_not_ready"
-        time.sleep(0.5)
-        assert gw.status()["m"]["state"] == "cold"
+            other.post("/down", json={"model_path": "m"})
+        waiting.join()
+        assert answers["up"].status_code == 503
+        assert answers["up"].json()["error"]["code"] == "model_stopped"
+        assert answers["up"].headers["x-should-retry"] == "false"
+        time.sleep(2.5)
+        assert gw.status()["m"]["state"] == "cold" and engine_starts(c, "m") == 1
+
+        assert c.post("/up", json={"model_path": "busy", "wait": 20}).json()["status"] == "healthy"
+        running = threading.Thread(target=lambda: answers.setdefault(
+            "chat", c.post("/v1/chat/completions", json={"model": "busy", **CHAT})))
+        running.start()
+        wait_for(lambda: gw.status()["busy"]["in_flight"] == 1)
+        with gw.client() as other:
+            other.post("/down", json={"model_path": "busy"})
+        running.join()
+        assert answers["chat"].status_code == 503
+        assert answers["chat"].json()["error"]["code"] == "model_stopped"
+        assert answers["chat"].headers["x-should-retry"] == "false"
 
 
 def test_concurrent_requests_for_a_broken_model_start_it_once_even_without_cooldown() -> None:
@@ -156,7 +198,7 @@ def test_down_of_an_unknown_model_does_not_add_it_to_the_model_list() -> None:
     """/down with any valid name created a pool that /v1/models then listed for good."""
     with running_gateway(fake_model("m")) as gw, gw.client() as c:
         down = c.post("/down", json={"model_path": "someone/else"})
-        assert down.status_code == 200 and down.json()["state"] == "cold"
+        assert down.status_code == 404 and down.json()["error"]["code"] == "model_not_found"
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert ids == ["m"]
         assert list(gw.status()) == ["m"]  # nor to /status, with its metric series

@@ -153,6 +153,8 @@ class PoolWait:
             return self._failed_connections < self.connect_attempts
         if isinstance(exc, APIStatusError):
             self._heard = True  # the gateway answered, with an error
+            if exc.response.headers.get("x-should-retry") == "false":  # /down stopped it
+                return False
             return _retryable_status(exc.status_code)
         return False
 

@@ -174,6 +174,19 @@ class ModelFailed(GatewayError):
         return [*super().headers(), (b"x-should-retry", b"false")]
 
 
+class ModelStopped(GatewayError):
+    """``/down`` stopped the model while a request or an ``/up`` waited on it, or cut the
+    request under way: not retried by the OpenAI SDKs (``x-should-retry``), whose retry
+    would start the engine that was just stopped."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "model_stopped"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"x-should-retry", b"false")]
+
+
 class ShuttingDown(GatewayError):
     """The gateway is stopping: nothing is started any more, waiting requests are let go."""
 

@@ -24,6 +24,7 @@ from .errors import (
     GatewayError,
     MethodNotAllowed,
     ModelNotFound,
+    ModelStopped,
     NotFound,
     ShuttingDown,
     UpstreamUnavailable,
@@ -214,6 +215,7 @@ class PassThrough:
         gone: asyncio.Future[None],
         outcome: Forwarded,
     ) -> None:
+        downs = pool.downs
         try:
             await self.proxy.forward(
                 upstream,
@@ -228,6 +230,10 @@ class PassThrough:
                 result=outcome,
             )
         except UpstreamUnavailable:
+            if pool.downs != downs:  # the engine went because /down stopped it: say so
+                raise ModelStopped(
+                    f"[{pool.name}] was stopped with /down while this request ran"
+                ) from None
             pool.report_unreachable()
             raise
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from .. import metrics
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed, with_cause
-from ..errors import ModelFailed, ModelNotReady, ShuttingDown
+from ..errors import ModelFailed, ModelNotReady, ModelStopped, ShuttingDown
 from .status import PoolState, PoolStatus, StopReason, Upstream
 
 __all__ = [
@@ -88,6 +88,7 @@ class Pool(ABC):
         self._pinned = False
         self._downs = 0  # explicit /down calls: requests held across one give up
         self._stop_task: asyncio.Task[None] | None = None
+        self._stop_reason: StopReason | None = None  # why the stop under way, if any
         self._restart_after_stop = False
         self._closing = False  # the gateway is shutting down: no engine is started any more
         self.on_idle: Callable[[], None] | None = None
@@ -257,8 +258,8 @@ class Pool(ABC):
         From ``healthy``: at once. From ``cold`` (or ``failed`` past its cooldown): starts
         one engine and waits. From ``starting``/``stopping``: waits. From ``failed`` within
         the cooldown, or after a start this call waited for failed: raises ``ModelFailed``
-        with the engine's error. When ``/down`` stops the pool meanwhile, or past
-        ``timeout``: raises ``ModelNotReady``.
+        with the engine's error. When ``/down`` stops the pool meanwhile: ``ModelStopped``;
+        past ``timeout``: ``ModelNotReady``.
         """
         deadline = time.monotonic() + timeout
         downs = self._downs
@@ -269,11 +270,8 @@ class Pool(ABC):
                 return self._upstream
             if self._closing:
                 raise ShuttingDown()
-            if self._downs != downs:
-                raise ModelNotReady(
-                    f"[{self.name}] was stopped with /down while this request waited",
-                    retry_after=1.0,
-                )
+            if self._downs != downs or self._stopping_for_down():
+                raise ModelStopped(f"[{self.name}] was stopped with /down")
             if state is PoolState.FAILED and (saw_start or self._cooldown_left() > 0):
                 raise ModelFailed(
                     self._error or f"[{self.name}] engine failed",
@@ -291,6 +289,16 @@ class Pool(ABC):
                 )
             await self._wait_change(remaining)
 
+    def _stopping_for_down(self) -> bool:
+        """Whether a ``/down`` is stopping the pool right now: whoever comes to wait for it
+        then is told so, instead of starting it again as soon as it is stopped."""
+        return self._stop_reason is not None and not self._stop_reason.automatic
+
+    @property
+    def downs(self) -> int:
+        """How many times ``/down`` was called: a request it cut short sees the count move."""
+        return self._downs
+
     @contextlib.contextmanager
     def lease(self) -> Iterator[None]:
         """Count a request in flight: a pool with requests in flight is never idle."""
@@ -306,10 +314,14 @@ class Pool(ABC):
                 self.on_idle()
 
     async def up(self, wait: float) -> PoolStatus:
-        """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed."""
+        """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed
+        (``ModelStopped`` if ``/down`` stops it meanwhile)."""
         if self._closing:
             raise ShuttingDown()
         self.last_active = time.monotonic()
+        downs = self._downs
+        if self._stopping_for_down():  # a wait begun before the /down, most likely
+            raise ModelStopped(f"[{self.name}] is being stopped with /down")
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
             self._restart_after_stop = True
@@ -322,6 +334,8 @@ class Pool(ABC):
                 break
             if self._closing:
                 raise ShuttingDown()
+            if self._downs != downs:
+                raise ModelStopped(f"[{self.name}] was stopped with /down while this call waited")
             if self._state is PoolState.COLD:
                 self._kick("up")
                 continue
@@ -344,6 +358,7 @@ class Pool(ABC):
             PoolState.FAILED,
         ):
             self._move(PoolState.STOPPING, reason=reason)
+            self._stop_reason = reason
             self._stop_task = asyncio.create_task(self._stop(reason), name=f"stop {self.name}")
         if self._stop_task is not None:
             await asyncio.shield(self._stop_task)
@@ -362,6 +377,7 @@ class Pool(ABC):
                 log.exception("[%s] error while stopping the engine", self.name)
         finally:
             self._stop_task = None
+            self._stop_reason = None
             self._move(PoolState.COLD, reason=reason)
         if self._restart_after_stop:
             self._restart_after_stop = False
