@@ -348,3 +348,14 @@ def test_an_alias_in_a_deeply_nested_body_is_a_400_not_a_crash(gateway) -> None:
         assert response.status_code == 400
         assert response.json()["error"]["type"] == "invalid_request_error"
         assert c.post("/v1/chat/completions", json={"model": "m-alias", **CHAT}).status_code == 200
+
+
+def test_a_json_body_that_starts_with_a_byte_order_mark_is_served(gateway) -> None:  # type: ignore[no-untyped-def]
+    """Some Windows clients write a UTF-8 BOM before JSON; vLLM reads past it, so must we."""
+    body = b"\xef\xbb\xbf" + json.dumps({"model": "m-alias", **CHAT}).encode()
+    with gateway.client() as c:
+        response = c.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "m"  # the alias replaced, in a body without the mark

@@ -39,12 +39,20 @@ _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
 _EXCEPTION_LINE = re.compile(r"^(\([^)]*\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
 
 
+# vLLM's own log lines: "(APIServer pid=7) ERROR 11-28 10:00:00 [core.py:123] message".
+_VLLM_ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?ERROR\s+\S+\s+\S+\s+\[[^\]]*\]\s*(\S.*)")
+
+
 def with_cause(what: str, tail: str) -> str:
     """``what`` went wrong, with the first exception in the engine's output tail after it on
     the same line (where ``/status``, a log line or a client's one-line error shows it), then
     the tail. The first: vLLM's last is "Engine core initialization failed. See root cause
-    above"."""
-    cause = next((line.strip() for line in tail.splitlines() if _EXCEPTION_LINE.match(line)), "")
+    above". Without an exception, vLLM's first ERROR line says what happened."""
+    lines = tail.splitlines()
+    cause = next((line.strip() for line in lines if _EXCEPTION_LINE.match(line)), "")
+    if not cause:
+        logged = (_VLLM_ERROR_LINE.match(line) for line in lines)
+        cause = next((found.group(1).strip() for found in logged if found), "")
     head = f"{what}: {cause}" if cause else what
     return f"{head}\n{tail}" if tail else head
 

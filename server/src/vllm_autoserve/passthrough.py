@@ -65,6 +65,7 @@ _KNOWN_ROUTES = ROOT_ROUTES | frozenset(
 # Watch for the client leaving only once a request lasts this long (see DisconnectWatch).
 _WATCH_AFTER_SECONDS = 0.02
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class PassThrough:
@@ -172,6 +173,8 @@ class PassThrough:
                 )
             return model, pool, body, headers
         content_type = header(scope, b"content-type")
+        if body.startswith(_UTF8_BOM):  # some Windows clients write one; vLLM reads past it
+            body = body[len(_UTF8_BOM) :]
         requested, form_value = model_of(body, content_type)
         if form_value is None and not is_json(content_type):
             # Taken as JSON (``curl -d`` says form-urlencoded): the engine is told so too.

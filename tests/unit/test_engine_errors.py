@@ -1,0 +1,41 @@
+"""How an engine's failure reads: the cause on the first line, then the engine's log tail."""
+
+from __future__ import annotations
+
+from vllm_autoserve.engine import with_cause
+
+VLLM_LOAD_FAILURE = """\
+(APIServer pid=7) INFO 11-28 10:00:00 [api_server.py:1] vLLM API server version 0.32.0
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/huggingface_hub/file_download.py", line 1, in f
+OSError: We couldn't connect to 'https://huggingface.co' to load the files.
+RuntimeError: Engine core initialization failed. See root cause above."""
+
+ENGINE_CORE_KILLED = """\
+(APIServer pid=7) INFO 11-28 10:00:00 [loggers.py:1] Engine 000: Avg throughput
+(EngineCore_DP0 pid=9) ERROR 11-28 10:00:01 [core.py:123] EngineCore encountered an issue.
+(APIServer pid=7) ERROR 11-28 10:00:01 [async_llm.py:5] AsyncLLM output_handler failed."""
+
+
+def test_the_first_exception_is_the_cause_not_vllms_last_words() -> None:
+    text = with_cause("[m] engine exited prematurely with code 1", VLLM_LOAD_FAILURE)
+    first, _, tail = text.partition("\n")
+    assert first == (
+        "[m] engine exited prematurely with code 1: OSError: We couldn't connect to "
+        "'https://huggingface.co' to load the files."
+    )
+    assert tail == VLLM_LOAD_FAILURE
+
+
+def test_without_an_exception_vllms_first_error_line_is_the_cause() -> None:
+    text = with_cause("[m] engine exited with code 0", ENGINE_CORE_KILLED)
+    assert text.splitlines()[0] == (
+        "[m] engine exited with code 0: EngineCore encountered an issue."
+    )
+
+
+def test_an_engine_that_said_nothing_fails_with_what_happened_alone() -> None:
+    assert with_cause("[m] engine exited with code 3", "") == "[m] engine exited with code 3"
+    assert with_cause("[m] engine exited with code 3", "hello\nbye") == (
+        "[m] engine exited with code 3\nhello\nbye"
+    )
