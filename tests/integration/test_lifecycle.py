@@ -135,6 +135,24 @@ def test_the_sdk_does_not_start_a_failed_engine_again_with_its_retries() -> None
         assert engine_starts(c, "broken") == 1
 
 
+def test_a_model_that_keeps_failing_to_start_waits_twice_as_long_each_time() -> None:
+    cfg = "[gateway]\nfailure_cooldown_seconds = 1\n" + fake_model("bad", "--fail-at-start", "boom")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        waits = []
+        for _ in range(3):
+            response = chat(c, "bad")  # a start, which fails
+            assert response.json()["error"]["code"] == "model_failed"
+            waits.append(int(response.headers["retry-after"]))
+            assert chat(c, "bad").headers["retry-after"] == str(waits[-1])  # no start
+            time.sleep(waits[-1] + 0.1)
+        assert waits == [1, 2, 4]
+        assert engine_starts(c, "bad") == 3
+        # /down is the operator's turn: the next failure waits the least again.
+        c.post("/down", json={"model_path": "bad"})
+        assert chat(c, "bad").headers["retry-after"] == "1"
+        assert engine_starts(c, "bad") == 4
+
+
 def test_engine_missing_its_startup_deadline_is_failed_and_stopped() -> None:
     cfg = "[gateway]\nstartup_seconds = 1\n" + fake_model("hang", "--hang-at-start")
     with running_gateway(cfg) as gw, gw.client() as c:

@@ -46,7 +46,8 @@ class GatewaySettings(_Strict):
     startup_seconds: PositiveSeconds = 1200.0
     """An engine not healthy this long after launch is stopped and marked failed."""
     failure_cooldown_seconds: Annotated[float, Field(ge=0)] = 5.0
-    """A failed model is not started again before this many seconds have passed."""
+    """A failed model is not started again before this many seconds have passed; doubled by
+    each start in a row that fails (up to 5 minutes)."""
     stop_grace_seconds: Annotated[float, Field(ge=0)] = 10.0
     """After SIGTERM an engine has this long to exit before SIGKILL."""
     drain_seconds: Annotated[float, Field(ge=0)] = 30.0

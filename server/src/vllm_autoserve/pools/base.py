@@ -57,6 +57,9 @@ class IllegalTransition(RuntimeError):
 
 
 # "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
+MAX_FAILURE_COOLDOWN_SECONDS = 300.0
+
+
 def _summary(error: str | None) -> str | None:
     """An error's first line: what went wrong, and its cause (``with_cause``)."""
     lines = (error or "").strip().splitlines()
@@ -76,6 +79,7 @@ class Pool(ABC):
         self._since = time.time()
         self._error: str | None = None
         self._failed_at = 0.0
+        self._failed_starts = 0  # starts in a row that failed: each doubles the cooldown
         self._changed = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._upstream: Upstream | None = None
@@ -143,12 +147,14 @@ class Pool(ABC):
         if new is PoolState.FAILED:
             self._error = error
             self._failed_at = time.monotonic()
+            self._failed_starts = self._failed_starts + 1 if old is PoolState.STARTING else 0
             metrics.ENGINE_FAILURES.labels(self.name).inc()
         elif new is PoolState.STARTING:
             self._starting_since = time.monotonic()
             metrics.ENGINE_STARTS.labels(self.name).inc()
         elif new is PoolState.HEALTHY:
             self._error = None
+            self._failed_starts = 0
             metrics.COLD_START_SECONDS.labels(self.name).observe(
                 time.monotonic() - self._starting_since
             )
@@ -181,7 +187,12 @@ class Pool(ABC):
         self._changed = asyncio.Event()
 
     def _cooldown_left(self) -> float:
-        cooldown = self.config.gateway.failure_cooldown_seconds
+        """How long a failed pool waits before the next start: ``failure_cooldown_seconds``,
+        doubled by every start in a row that failed (at most 5 minutes), so that a model
+        that cannot start (a typo, no memory for it) is not reloaded at every retry."""
+        base = self.config.gateway.failure_cooldown_seconds
+        doublings = max(0, self._failed_starts - 1)
+        cooldown = min(base * 2.0**doublings, max(base, MAX_FAILURE_COOLDOWN_SECONDS))
         return max(0.0, self._failed_at + cooldown - time.monotonic())
 
     def refuse_starts(self) -> None:
@@ -350,6 +361,7 @@ class Pool(ABC):
         """
         if not reason.automatic:
             self._pinned = False
+            self._failed_starts = 0  # the operator's turn: the next failure waits the least
             self._downs += 1
             self._restart_after_stop = False
         if self._stop_task is None and self._state in (
