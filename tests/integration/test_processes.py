@@ -273,6 +273,46 @@ def test_sigterm_lets_streams_in_flight_finish_before_engines_stop() -> None:
         assert gw.process.wait(20) in (0, -signal.SIGTERM)
 
 
+def test_one_ctrl_c_delivered_twice_still_drains_and_a_second_one_still_stops_engines(
+    tmp_path: Path,
+) -> None:
+    """Under `uv run`, a SIGINT to the process group reached the gateway twice (the group's,
+    and uv's copy of it): uvicorn took it for a second Ctrl-C, skipped the drain and the
+    engines' stop, and logged a traceback; a real second Ctrl-C skipped the stop too."""
+    pid_file = tmp_path / "pids"
+    cfg = fake_model("m", "--chunks", "20", "--chunk-delay", "0.1", "--pid-file", str(pid_file))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=_stream_chat, args=(gw, "m", chunks))
+        reader.start()
+        time.sleep(0.5)
+        gw.process.send_signal(signal.SIGINT)
+        gw.process.send_signal(signal.SIGINT)  # the same Ctrl-C, as uv passes it on
+        reader.join(20)
+        assert b"".join(chunks).endswith(b"data: [DONE]\n\n")  # drained, not cut
+        assert gw.process.wait(20) == 130
+        assert "pool healthy -> stopping" in gw.log()  # the gateway stopped its engine
+
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+        def read_until_cut() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                _stream_chat(gw, "m", [])
+
+        reader = threading.Thread(target=read_until_cut)
+        reader.start()
+        time.sleep(0.5)
+        gw.process.send_signal(signal.SIGINT)
+        time.sleep(0.7)
+        gw.process.send_signal(signal.SIGINT)  # a second Ctrl-C: no more waiting
+        assert gw.process.wait(20) == 130
+        reader.join(20)
+        log = gw.log()
+        assert "pool healthy -> stopping" in log and "Traceback" not in log
+        wait_for(lambda: not alive(engine_pids(pid_file)), timeout=15)
+
+
 def test_requests_still_running_when_the_drain_ends_get_told_and_nothing_is_left(
     tmp_path: Path,
 ) -> None:

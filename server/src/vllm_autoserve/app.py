@@ -179,7 +179,10 @@ class GatewayApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except asyncio.CancelledError:  # a forced exit: no shutdown message comes
+                return
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()

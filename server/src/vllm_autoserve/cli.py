@@ -85,7 +85,7 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         # X-Forwarded-For is not trusted: the access line names the peer that connected.
         proxy_headers=False,
     )
-    server = GatewayServer(uv_config, on_stopping=app.stopping)
+    server = GatewayServer(uv_config, on_stopping=app.stopping, on_forced_exit=app.shutdown)
     tune_gc_for_serving()
     log.info("gateway on http://%s:%d (auth %s)", host, port, "off" if keys.open else "on")
     try:

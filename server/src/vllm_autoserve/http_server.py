@@ -14,9 +14,12 @@ comparisons more.
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from types import FrameType
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -26,17 +29,42 @@ from .errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 MAX_HEAD_BYTES = 64 * 1024
 
 
+# A second SIGINT sooner than this after the first is the same Ctrl-C, delivered twice:
+# `uv run` passes on to its child the signal that their process group got already.
+_SAME_SIGNAL_SECONDS = 0.5
+
+
 class GatewayServer(uvicorn.Server):
     """Calls ``on_stopping`` as it stops taking requests: before the drain of requests under
-    way, which the app's lifespan shutdown only follows."""
+    way, which the app's lifespan shutdown only follows; and ``on_forced_exit`` after a
+    second Ctrl-C, for which uvicorn skips the lifespan shutdown (the engines must still
+    stop)."""
 
-    def __init__(self, config: uvicorn.Config, *, on_stopping: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_stopping: Callable[[], None],
+        on_forced_exit: Callable[[], Awaitable[None]],
+    ) -> None:
         super().__init__(config)
         self._on_stopping = on_stopping
+        self._on_forced_exit = on_forced_exit
+        self._first_signal_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+        elif sig == signal.SIGINT and now - self._first_signal_at < _SAME_SIGNAL_SECONDS:
+            return
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_stopping()
         await super().shutdown(sockets)
+        if self.force_exit:
+            await self._on_forced_exit()
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
