@@ -401,10 +401,14 @@ def test_at_shutdown_waits_for_a_cold_start_end_at_once_and_generations_finish()
         for thread in threads:
             thread.join(30)
         assert gw.process.wait(30) in (0, -signal.SIGTERM)
+        log = gw.log()
     # The two waits were let go first; the generation under way was drained to its end.
     assert events[:2] == [("gateway_shutting_down", 503)] * 2
     assert events[2] == ("stream finished", 200)
     assert b"".join(streamed).endswith(b"data: [DONE]\n\n")
+    # The start nobody waited for any more was stopped at once, not after the drain.
+    stopped = log.index("[cold] pool starting -> stopping (gateway shutdown)")
+    assert stopped < log.index("[warm] pool healthy -> stopping (gateway shutdown)")
 
 
 def test_gpu_slots_are_distinct_and_idle_engines_are_evicted_lru() -> None:

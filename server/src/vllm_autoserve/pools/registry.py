@@ -137,10 +137,15 @@ class Pools(ABC):
 
     def refuse_starts(self) -> None:
         """Start no engine from now on, and let requests and ``/up`` calls waiting for one
-        go (``503 gateway_shutting_down``): the gateway is stopping."""
+        go (``503 gateway_shutting_down``): the gateway is stopping. Starts under way here
+        are stopped at once: nobody waits for them any more (the drain is for generations)."""
         self._closing = True
         for pool in self._pools.values():
             pool.refuse_starts()
+            if pool.state is PoolState.STARTING and not self.engines_outlive_gateway:
+                stop = asyncio.ensure_future(pool.down(StopReason.SHUTDOWN))
+                self._background.add(stop)
+                stop.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
         """Stop every engine this gateway started, and start none from now on."""
