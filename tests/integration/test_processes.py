@@ -526,6 +526,7 @@ def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
         assert pinned["status"] == "healthy" and pinned["pinned"]
         refused = c.post("/v1/chat/completions", json={"model": "b", **CHAT})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
+        assert "waiting for GPUs or an engine slot" in refused.json()["error"]["message"]
         assert gw.status()["a"]["state"] == "healthy"
         # A start that never got its GPU says so, not that its engine was slow.
         timed_out = c.post("/up", json={"model_path": "c", "wait": 10}).json()

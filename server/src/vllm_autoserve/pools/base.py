@@ -247,6 +247,10 @@ class Pool(ABC):
         """What a start cut short by its deadline had got to (the engine's last output)."""
         return ""
 
+    def _progress(self) -> str:
+        """Where a start is, for a request that gave up waiting for it."""
+        return f"is {self._state.value}"
+
     def _engine_died(self, error: str) -> None:
         """Called by subclasses when a healthy engine goes away on its own."""
         if self._state is PoolState.HEALTHY:
@@ -294,7 +298,7 @@ class Pool(ABC):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelNotReady(
-                    f"[{self.name}] is {self._state.value}; not healthy after {timeout:g} s. "
+                    f"[{self.name}] {self._progress()}; not healthy after {timeout:g} s. "
                     "Retry later, or call /up and wait for status 'healthy'.",
                     retry_after=min(max(timeout, 1.0), 30.0),
                 )

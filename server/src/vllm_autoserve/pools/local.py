@@ -174,6 +174,14 @@ class LocalPool(Pool):
             await engine.stop()
         self._slots.release(self.name)
 
+    def _progress(self) -> str:
+        if self._awaiting_slot:
+            return (
+                "is waiting for GPUs or an engine slot ([gateway] max_engines), which busy or "
+                "pinned engines hold"
+            )
+        return super()._progress()
+
     def _start_account(self) -> str:
         if self._awaiting_slot:
             return (
