@@ -204,6 +204,20 @@ def test_a_local_folder_model_is_listed_by_its_aliases_not_its_path() -> None:
         assert chat(c, "small").status_code == 200
         assert chat(c, "/srv/models/tiny").status_code == 200  # the path still routes, unlisted
         assert c.get("/v1/models/tiny").json()["state"] == "healthy"
+        # Nor is the path in what clients are told (the gateway's log and /status have it).
+        c.post("/down", json={"model_path": "tiny"})
+        dying = fake_model("/srv/models/dying", "--die-after", "1", extra='aliases = ["dying"]')
+    with running_gateway("[gateway]\nhold_seconds = 0.2\n" + dying) as gw, gw.client() as c:
+        slow = chat(c, "dying")  # the fake engine takes longer than 0.2 s to start
+        assert slow.status_code == 503 and "[dying] is starting" in slow.text, slow.text
+        c.post("/up", json={"model_path": "dying", "wait": 15})
+        assert chat(c, "dying").status_code == 200
+        broken = chat(c, "dying")  # the engine exits on this one
+        assert broken.status_code == 502 and "'dying'" in broken.text
+        failed = wait_for(lambda: (r := chat(c, "dying")).status_code == 503 and r)
+        assert failed.json()["error"]["message"].startswith("[dying] engine exited")
+        for answer in (slow, broken, failed):
+            assert "/srv/models" not in answer.text
 
 
 def test_up_with_min_containers_pins_the_engine_against_idle_stops_until_down() -> None:

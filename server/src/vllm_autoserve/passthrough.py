@@ -230,12 +230,13 @@ class PassThrough:
                 send=send,
                 gone=gone,
                 label=pool.name,
+                shown_as=pool.shown_name,
                 result=outcome,
             )
         except UpstreamUnavailable:
             if pool.downs != downs:  # the engine went because /down stopped it: say so
                 raise ModelStopped(
-                    f"[{pool.name}] was stopped with /down while this request ran"
+                    f"[{pool.shown_name}] was stopped with /down while this request ran"
                 ) from None
             pool.report_unreachable()
             raise

@@ -128,9 +128,12 @@ class Proxy:
         gone: asyncio.Future[None],
         label: str,
         result: Forwarded,
+        shown_as: str | None = None,
     ) -> None:
         """Send the request upstream and stream the answer back, noting in ``result`` what
         was sent; raises ``UpstreamUnavailable`` if nothing could be sent to the client yet.
+        ``label`` names the model in the log and metrics, ``shown_as`` (default: the same)
+        in what the client is told.
         ``gone`` completes when the client disconnects: the upstream request is then closed
         at once, answered or not."""
         target = _target(upstream.url)
@@ -167,14 +170,15 @@ class Proxy:
                 return
             # The engine's address stays in the gateway's log, never in a client's answer.
             log.warning("%s: the engine did not answer: %s", label, exc)
-            raise UpstreamUnavailable(f"the engine serving '{label}' did not answer") from None
+            shown = shown_as or label
+            raise UpstreamUnavailable(f"the engine serving '{shown}' did not answer") from None
 
         def close_upstream(_: object) -> None:
             response.abort()
 
         gone.add_done_callback(close_upstream)
         try:
-            await self._relay(response, send, gone, result, label, target)
+            await self._relay(response, send, gone, result, label, target, shown_as or label)
         finally:
             gone.remove_done_callback(close_upstream)
             response.release()
@@ -210,6 +214,7 @@ class Proxy:
         result: Forwarded,
         label: str,
         target: _Target,
+        shown_as: str,
     ) -> None:
         result.status = response.status
         raw = _end_to_end(response.headers, _RESPONSE_DROP)
@@ -257,7 +262,9 @@ class Proxy:
                 # make the client's parser fail before it reads why), then end the connection
                 # without the final chunk so that no client can take the cut answer for a
                 # complete one.
-                error = UpstreamDisconnected(f"the engine serving '{label}' broke off the stream")
+                error = UpstreamDisconnected(
+                    f"the engine serving '{shown_as}' broke off the stream"
+                )
                 with contextlib.suppress(OSError):
                     await send(
                         {

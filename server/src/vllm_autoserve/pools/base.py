@@ -73,6 +73,8 @@ class Pool(ABC):
 
     def __init__(self, name: str, settings: ModelConfig, config: Config) -> None:
         self.name = name
+        self.shown_name = config.served_names(name)[0]
+        """The name clients know it by, in what they are told: a local folder's first alias."""
         self.settings = settings
         self.config = config
         self._state = PoolState.COLD
@@ -226,7 +228,7 @@ class Pool(ABC):
                 PoolState.FAILED,
                 reason="startup deadline",
                 error=with_cause(
-                    f"[{self.name}] engine did not become healthy within "
+                    f"[{self.shown_name}] engine did not become healthy within "
                     f"{self.startup_seconds:g} s",
                     tail,
                 ),
@@ -237,7 +239,7 @@ class Pool(ABC):
         except Exception as exc:
             log.exception("[%s] unexpected error while starting", self.name)
             await self._terminate(None)
-            self._move(PoolState.FAILED, reason="start error", error=f"[{self.name}] {exc}")
+            self._move(PoolState.FAILED, reason="start error", error=f"[{self.shown_name}] {exc}")
         else:
             self._upstream = upstream
             self.last_active = time.monotonic()
@@ -286,10 +288,10 @@ class Pool(ABC):
             if self._closing:
                 raise ShuttingDown()
             if self._downs != downs or self._stopping_for_down():
-                raise ModelStopped(f"[{self.name}] was stopped with /down")
+                raise ModelStopped(f"[{self.shown_name}] was stopped with /down")
             if state is PoolState.FAILED and (saw_start or self._cooldown_left() > 0):
                 raise ModelFailed(
-                    self._error or f"[{self.name}] engine failed",
+                    self._error or f"[{self.shown_name}] engine failed",
                     retry_after=max(self._cooldown_left(), 1.0),
                 )
             if state in (PoolState.COLD, PoolState.FAILED):
@@ -298,7 +300,7 @@ class Pool(ABC):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ModelNotReady(
-                    f"[{self.name}] {self._progress()}; not healthy after {timeout:g} s. "
+                    f"[{self.shown_name}] {self._progress()}; not healthy after {timeout:g} s. "
                     "Retry later, or call /up and wait for status 'healthy'.",
                     retry_after=min(max(timeout, 1.0), 30.0),
                 )
@@ -336,7 +338,7 @@ class Pool(ABC):
         self.last_active = time.monotonic()
         downs = self._downs
         if self._stopping_for_down():  # a wait begun before the /down, most likely
-            raise ModelStopped(f"[{self.name}] is being stopped with /down")
+            raise ModelStopped(f"[{self.shown_name}] is being stopped with /down")
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
             self._restart_after_stop = True
@@ -350,7 +352,9 @@ class Pool(ABC):
             if self._closing:
                 raise ShuttingDown()
             if self._downs != downs:
-                raise ModelStopped(f"[{self.name}] was stopped with /down while this call waited")
+                raise ModelStopped(
+                    f"[{self.shown_name}] was stopped with /down while this call waited"
+                )
             if self._state is PoolState.COLD:
                 self._kick("up")
                 continue

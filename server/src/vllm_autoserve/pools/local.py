@@ -114,7 +114,7 @@ class LocalPool(Pool):
         if self._slots.hands_out_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         engine = EngineProcess(
-            self.name,
+            self.shown_name,
             argv,
             env=env,
             health_url=f"http://{ENGINE_HOST}:{port}/health",
