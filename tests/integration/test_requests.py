@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +361,50 @@ def test_a_json_body_that_starts_with_a_byte_order_mark_is_served(gateway) -> No
         )
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "m"  # the alias replaced, in a body without the mark
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """The Hugging Face Hub's model API, knowing one model."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        known = self.path == "/api/models/known/model"
+        body = b'{"id": "known/model"}' if known else b'{"error": "Repository not found"}'
+        self.send_response(200 if known else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_unlisted_model_the_hub_does_not_know_is_a_quick_404_and_starts_nothing() -> None:
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}", "HF_HUB_OFFLINE": ""}
+    try:
+        cfg = "[gateway]\nhold_seconds = 0.2\n" + fake_model("m")
+        with running_gateway(cfg, env=env) as gw, gw.client() as c:
+            for _ in range(2):  # the second answer comes from what the Hub said first
+                typo = c.post("/v1/chat/completions", json={"model": "nown/model", **CHAT})
+                assert typo.status_code == 404, typo.text
+                assert typo.json()["error"]["code"] == "model_not_found"
+                assert "Hugging Face Hub" in typo.json()["error"]["message"]
+            up = c.post("/up", json={"model_path": "nown/model"})
+            assert up.status_code == 404
+            assert "nown/model" not in gw.status() and not gw.engine_pids()
+            assert _Hub.asked.count("/api/models/nown/model") == 1
+            # A model the Hub knows goes on to its engine (which here cannot start: no vLLM
+            # for it, or no network), and a configured one is never asked about.
+            known = c.post("/v1/chat/completions", json={"model": "known/model", **CHAT})
+            assert known.status_code == 503, known.text
+            assert "known/model" in gw.status()
+            c.post("/down", json={"model_path": "known/model"})
+            assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
+            assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+            assert "/api/models/m" not in _Hub.asked
+    finally:
+        hub.shutdown()

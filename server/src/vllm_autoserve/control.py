@@ -113,6 +113,7 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
     async def up(request: UpRequest) -> dict[str, Any]:
         """Start a model's pool if needed; with ``wait`` long-poll until healthy or failed."""
         name = pools.resolve(request.model_path)
+        await pools.admit(name)
         pool = pools.get(name)
         if request.min_containers is not None:
             await pool.pin(request.min_containers)

@@ -106,7 +106,11 @@ class PassThrough:
             body = await read_body(
                 receive, self.config.gateway.max_body_bytes, header(scope, b"content-length")
             )
-            model, pool, body, headers = self._route(scope, path, body)
+            name, pool, body, headers = self._route(scope, path, body)
+            if pool is None:  # a name with no pool yet: unlisted ones must exist first
+                await self.pools.admit(name)
+                pool = self.pools.get(name)
+            model = name
             if route == "/v1/responses":
                 outcome.note_head = functools.partial(self.stored.note, model=model)
             watch = DisconnectWatch(receive, after=_WATCH_AFTER_SECONDS)
@@ -159,8 +163,9 @@ class PassThrough:
 
     def _route(
         self, scope: Scope, path: str, body: bytes
-    ) -> tuple[str, Pool, bytes, list[tuple[bytes, bytes]]]:
-        """The model a request goes to, its pool, and the body and headers it goes with."""
+    ) -> tuple[str, Pool | None, bytes, list[tuple[bytes, bytes]]]:
+        """The model a request goes to, its pool (None if it has none yet), and the body
+        and headers it goes with."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         if stored_responses.names_one(path):  # a stored response, by its id
             model = self.stored.model_of(path)
@@ -186,7 +191,10 @@ class PassThrough:
             raise
         if model != requested and requested not in self._sent_as_is:
             body = with_model(body, model, form_value, requested)
-        return model, self.pools.get(model), body, headers
+        pool = self.pools.find(model)
+        if pool is not None:
+            pool.last_active = time.monotonic()  # as ``Pools.get`` notes a use
+        return model, pool, body, headers
 
     async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
         """The pool's upstream, holding the request while it starts; None if the client left."""

@@ -13,6 +13,7 @@ import aiohttp
 from .. import metrics
 from ..config import Config, ModelConfig
 from ..errors import ModelNotFound
+from ..hub import HubCheck
 from .base import Pool
 from .status import ModelEntry, PoolState, PoolStatus, StopReason, Upstream
 
@@ -42,6 +43,7 @@ class Pools(ABC):
         self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
         self._closing = False
+        self.hub = HubCheck(self.session)
         for name in config.models:  # each configured model has its series from the start
             metrics.set_pool_state(name, PoolState.COLD.value)
 
@@ -67,6 +69,20 @@ class Pools(ABC):
                 pool.refuse_starts()
         pool.last_active = time.monotonic()
         return pool
+
+    async def admit(self, name: str) -> None:
+        """Refuse (404) an unlisted name that the Hugging Face Hub says does not exist,
+        before any engine is started for it (``hub.py``)."""
+        if name in self.config.models or name in self._pools:
+            return
+        if await self.hub.missing(name):
+            error = ModelNotFound(
+                f"[{name}] is not a model on the Hugging Face Hub: a typo? (a private or "
+                "gated repo needs the gateway's HF_TOKEN)",
+                param="model",
+            )
+            error.asked = name  # for the access line; never a metrics label
+            raise error
 
     def find(self, name: str) -> Pool | None:
         """The model's pool if it has one; none is made."""
