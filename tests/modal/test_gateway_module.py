@@ -192,7 +192,10 @@ def test_gateway_function_settings(
     assert gateway.GATEWAY_CONFIG.gateway.max_up_wait_seconds == 140
     assert "hold_seconds = 300" in caplog.text
     spec = service_function(gateway.gateway)._spec
-    assert [repr(s) for s in spec.secrets] == ["modal.Secret.from_name('vllm-gateway-auth')"]
+    assert [repr(s) for s in spec.secrets] == [
+        "modal.Secret.from_name('vllm-gateway-auth')",
+        "modal.Secret.from_name('autoserve-hf-secret')",
+    ]
     assert spec.gpus is None
     opts = options(gateway.gateway)
     assert opts["webhook_config"].requested_suffix == "gateway"

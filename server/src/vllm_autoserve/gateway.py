@@ -243,7 +243,9 @@ Engine = ENGINE_CLASSES["Engine"]
 
 @app.function(
     image=gateway_image,
-    secrets=[gateway_secret],  # VLLM_GATEWAY_AUTH: the keys clients send
+    # VLLM_GATEWAY_AUTH: the keys clients send; HF_TOKEN: asking the Hub whether an unlisted
+    # (perhaps private) model exists before a GPU container is started for it.
+    secrets=[gateway_secret, hf_secret],
     min_containers=GATEWAY_CONFIG.gateway.min_containers,  # 1: no gateway cold start
     timeout=REQUEST_TIMEOUT,  # a streamed answer may run long after its first byte
 )
