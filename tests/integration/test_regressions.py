@@ -150,16 +150,29 @@ def test_concurrent_requests_for_a_broken_model_start_it_once_even_without_coold
 
 
 def test_up_during_a_stop_starts_the_model_once_the_stop_is_done() -> None:
-    """/up (wait=0) while the pool was stopping answered 'pending' but never started it."""
+    """/up (wait=0) while the pool was stopping answered 'pending' but never started it.
+    (A stop for being idle, that is: one for /down tells the /up so, see below.)"""
+    cfg = "[gateway]\nstop_grace_seconds = 1\nidle_seconds = 0.5\n" + fake_model(
+        "m", "--ignore-sigterm"
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
+        wait_for(lambda: gw.status()["m"]["state"] == "stopping", timeout=15)
+        assert c.post("/up", json={"model_path": "m"}).json()["status"] == "pending"
+        wait_for(lambda: gw.status()["m"]["state"] == "healthy", timeout=15)
+
     cfg = "[gateway]\nstop_grace_seconds = 1\n" + fake_model("m", "--ignore-sigterm")
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
         stopper = threading.Thread(target=lambda: gw.client().post("/down", json={"model_path": "m"}))
         stopper.start()
         wait_for(lambda: gw.status()["m"]["state"] == "stopping")
-        assert c.post("/up", json={"model_path": "m"}).json()["status"] == "pending"
+        during_down = c.post("/up", json={"model_path": "m"})
+        assert during_down.status_code == 503
+        assert during_down.json()["error"]["code"] == "model_stopped"
         stopper.join()
-        wait_for(lambda: gw.status()["m"]["state"] == "healthy", timeout=15)
+        assert gw.status()["m"]["state"] == "cold"
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
 
 
 def test_bodies_of_the_gateway_own_routes_are_limited_too() -> None:
