@@ -1,8 +1,19 @@
-"""How an engine's failure reads: the cause on the first line, then the engine's log tail."""
+"""What an engine's start and failure say: progress in the log, the cause of a failure on its
+first line, then the engine's log tail."""
 
 from __future__ import annotations
 
-from vllm_autoserve.engine import with_cause
+import asyncio
+import logging
+import sys
+
+import aiohttp
+import pytest
+
+from tests.support.fake_engine import FAKE_ENGINE
+from tests.support.gateway import free_port
+from vllm_autoserve import engine
+from vllm_autoserve.engine import EngineProcess, with_cause
 
 VLLM_LOAD_FAILURE = """\
 (APIServer pid=7) INFO 11-28 10:00:00 [api_server.py:1] vLLM API server version 0.32.0
@@ -39,3 +50,27 @@ def test_an_engine_that_said_nothing_fails_with_what_happened_alone() -> None:
     assert with_cause("[m] engine exited with code 3", "hello\nbye") == (
         "[m] engine exited with code 3\nhello\nbye"
     )
+
+
+def test_a_long_start_says_in_the_log_what_the_engine_last_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engine, "_PROGRESS_EVERY", 0.3)
+    port = free_port()
+    argv = [sys.executable, str(FAKE_ENGINE), "--port", str(port), "--startup-delay", "1.2"]
+
+    async def start() -> None:
+        process = EngineProcess("slow", argv, env={}, health_url=f"http://127.0.0.1:{port}/health")
+        await process.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await process.wait_healthy(session)
+        finally:
+            await process.stop()
+
+    with caplog.at_level(logging.INFO, logger="vllm_autoserve.engine"):
+        asyncio.run(start())
+    progress = [r.getMessage() for r in caplog.records if "still starting" in r.getMessage()]
+    assert len(progress) >= 2
+    assert progress[-1].startswith("[slow] still starting after ")
+    assert progress[-1].endswith(f"the engine's last line: fake engine starting on port {port}")

@@ -24,6 +24,7 @@ from ._requests import (
     MODEL_EXTENSION,
     MODEL_FAILED,
     MODEL_NOT_READY,
+    MODEL_STOPPED,
     NO_BLIND_RETRY,
     GatewayError,
     model_of,
@@ -97,8 +98,9 @@ class AutoserveBase(BaseClient[_HttpxClientT, _DefaultStreamT]):
         """Keep the SDK from retrying the gateway's 503s blindly; a failed pool raises."""
         if error.code in (MODEL_NOT_READY, MODEL_FAILED):
             response.request.extensions[NO_BLIND_RETRY] = True
-        if error.code == MODEL_FAILED:
+        if error.code in (MODEL_FAILED, MODEL_STOPPED):  # the next call waits for it anew
             self._ready.forget(self._ready_key(model))
+        if error.code == MODEL_FAILED:
             raise ModelFailedResponse(model, error.message, response=response, body=error.body)
 
     @override

@@ -21,6 +21,7 @@ DEFAULT_MODEL_ENDPOINTS = frozenset(
 
 MODEL_NOT_READY = "model_not_ready"
 MODEL_FAILED = "model_failed"
+MODEL_STOPPED = "model_stopped"
 
 MODEL_EXTENSION = "vllm_autoserve_client.model"
 """Request extension: the model a request names, for the 503 handling in ``_send_request``."""

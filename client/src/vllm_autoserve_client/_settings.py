@@ -40,8 +40,9 @@ def resolve_base_url(explicit: str | None) -> str:
     url = explicit or _first_set(BASE_URL_ENV)
     if not url:
         raise OpenAIError(
-            "No gateway URL: pass base_url= (--base-url) or set AUTOSERVE_BASE_URL, "
-            "e.g. https://WORKSPACE-ENV--gateway.modal.run/v1"
+            "No gateway URL: set AUTOSERVE_BASE_URL (or give base_url= in Python, --base-url "
+            "to the autoserve command), e.g. http://127.0.0.1:8000/v1 for a local gateway or "
+            "https://WORKSPACE-ENV--gateway.modal.run/v1 on Modal"
         )
     parts = urlsplit(url)
     if parts.path in ("", "/") and not parts.query:

@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
@@ -32,6 +33,7 @@ LOG_TAIL_LINES = 60
 LOG_TAIL_CHARS = 4000
 _LOG_KEEP_LINES = 400
 _HEALTH_INTERVAL = 0.1  # an engine that is up waits at most this long to be seen
+_PROGRESS_EVERY = 30.0  # a start this long says, in the log, what the engine last said
 # Never handed to an engine: the gateway's own keys and tokens meant for the gateway.
 _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
 
@@ -216,7 +218,18 @@ class EngineProcess:
         """
         assert self._exited is not None
         warned = False
+        started = time.monotonic()
+        reported = started
         while True:
+            if time.monotonic() - reported >= _PROGRESS_EVERY:  # a download may take minutes
+                reported = time.monotonic()
+                last = self._lines[-1] if self._lines else "(nothing yet)"
+                log.info(
+                    "[%s] still starting after %.0f s; the engine's last line: %s",
+                    self.name,
+                    reported - started,
+                    last[:300],
+                )
             if self._exited.done():
                 raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
             if await self.health(session) is True:
