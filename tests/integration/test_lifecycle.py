@@ -11,7 +11,7 @@ import openai
 import psutil
 import pytest
 
-from tests.support.gateway import fake_model, running_gateway
+from tests.support.gateway import fake_model, free_port, running_gateway
 from tests.support.waiting import wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -151,6 +151,35 @@ def test_a_model_that_keeps_failing_to_start_waits_twice_as_long_each_time() -> 
         c.post("/down", json={"model_path": "bad"})
         assert chat(c, "bad").headers["retry-after"] == "1"
         assert engine_starts(c, "bad") == 4
+
+
+def test_an_engine_that_keeps_dying_soon_after_it_is_up_backs_off_too() -> None:
+    """Out of memory at its first request, say: each restart would load it all again."""
+    cfg = "[gateway]\nfailure_cooldown_seconds = 1\n" + fake_model("oom", "--die-after", "1")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        waits = []
+        for _ in range(2):
+            assert c.post("/up", json={"model_path": "oom", "wait": 15}).json()["status"] == "healthy"
+            assert chat(c, "oom").status_code == 200
+            assert chat(c, "oom").status_code == 502  # the engine exits on this one
+            failed = wait_for(lambda: (r := chat(c, "oom")).status_code == 503 and r)
+            waits.append(int(failed.headers["retry-after"]))
+            time.sleep(waits[-1] + 0.1)
+        assert waits == [1, 2]
+
+
+def test_an_upstream_that_keeps_failing_its_check_is_checked_again_without_backing_off() -> None:
+    """A url upstream costs nothing to check, and may be back any moment (a restart)."""
+    cfg = (
+        "[gateway]\nfailure_cooldown_seconds = 1\nstartup_seconds = 1\n"
+        f'[models."ext"]\nurl = "http://127.0.0.1:{free_port()}"\n'  # nothing listens
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        for _ in range(3):
+            response = chat(c, "ext")
+            assert response.json()["error"]["code"] == "model_failed"
+            assert response.headers["retry-after"] == "1"
+            time.sleep(1.1)
 
 
 def test_engine_missing_its_startup_deadline_is_failed_and_stopped() -> None:

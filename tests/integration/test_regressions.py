@@ -175,6 +175,27 @@ def test_up_during_a_stop_starts_the_model_once_the_stop_is_done() -> None:
         assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
 
 
+def test_down_during_an_idle_stop_sticks_and_a_refused_up_leaves_no_pin() -> None:
+    """A /down while an idle stop was under way let the /up calls that followed restart the
+    model; an /up with min_containers refused for a /down kept its pin all the same."""
+    cfg = "[gateway]\nstop_grace_seconds = 1\nidle_seconds = 0.5\n" + fake_model(
+        "m", "--ignore-sigterm"
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "m", "wait": 10}).json()["status"] == "healthy"
+        wait_for(lambda: gw.status()["m"]["state"] == "stopping", timeout=15)  # idle
+        stopper = threading.Thread(target=lambda: gw.client().post("/down", json={"model_path": "m"}))
+        stopper.start()
+        time.sleep(0.2)  # the /down waits for the stop under way
+        pinning = c.post("/up", json={"model_path": "m", "min_containers": 1})
+        assert pinning.status_code == 503
+        assert pinning.json()["error"]["code"] == "model_stopped"
+        stopper.join()
+        time.sleep(0.5)
+        status = gw.status()["m"]
+        assert status["state"] == "cold" and status["pinned"] is False
+
+
 def test_bodies_of_the_gateway_own_routes_are_limited_too() -> None:
     """A huge body to /up was read whole into memory (only /v1/* had a size limit)."""
     with running_gateway(fake_model("m")) as gw, gw.client() as c:

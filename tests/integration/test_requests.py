@@ -373,6 +373,8 @@ class _Hub(http.server.BaseHTTPRequestHandler):
         known = self.path == "/api/models/known/model"
         body = b'{"id": "known/model"}' if known else b'{"error": "Repository not found"}'
         self.send_response(200 if known else 404)
+        if not known:
+            self.send_header("X-Error-Code", "RepoNotFound")  # as the Hub says it
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

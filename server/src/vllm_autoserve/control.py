@@ -115,6 +115,7 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         name = pools.resolve(request.model_path)
         await pools.admit(name)
         pool = pools.get(name)
+        pool.check_up()  # before pinning: a refused /up leaves no pin behind
         if request.min_containers is not None:
             await pool.pin(request.min_containers)
         status = await pool.up(min(request.wait, config.gateway.max_up_wait_seconds))

@@ -51,6 +51,11 @@ class GatewayServer(uvicorn.Server):
         self._on_stopping = on_stopping
         self._on_forced_exit = on_forced_exit
         self._first_signal_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         now = time.monotonic()
@@ -59,6 +64,16 @@ class GatewayServer(uvicorn.Server):
         elif sig == signal.SIGINT and now - self._first_signal_at < _SAME_SIGNAL_SECONDS:
             return
         super().handle_exit(sig, frame)
+        if self.force_exit and self._loop is not None:
+            # From Python 3.12 the server waits for its open connections even then: cut them
+            # (in the loop's thread: this is a signal handler).
+            self._loop.call_soon_threadsafe(self._cut_connections)
+
+    def _cut_connections(self) -> None:
+        for connection in list(self.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._on_stopping()

@@ -107,9 +107,12 @@ class PassThrough:
                 receive, self.config.gateway.max_body_bytes, header(scope, b"content-length")
             )
             name, pool, body, headers = self._route(scope, path, body)
+            hub_wait = 0.0
             if pool is None:  # a name with no pool yet: unlisted ones must exist first
+                asked_from = time.perf_counter()
                 await self.pools.admit(name)
                 pool = self.pools.get(name)
+                hub_wait = time.perf_counter() - asked_from  # the Hub's time, not the gateway's
             model = name
             if route == "/v1/responses":
                 outcome.note_head = functools.partial(self.stored.note, model=model)
@@ -126,7 +129,7 @@ class PassThrough:
                 if upstream is None:
                     outcome.client_gone = True
                     return
-                overhead = time.perf_counter() - started - held
+                overhead = time.perf_counter() - started - held - hub_wait
                 metrics.child(metrics.OVERHEAD_SECONDS, route).observe(overhead)
                 with pool.lease():
                     await self._forward(pool, upstream, scope, headers, body, send, gone, outcome)

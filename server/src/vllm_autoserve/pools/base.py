@@ -58,6 +58,7 @@ class IllegalTransition(RuntimeError):
 
 # "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
 MAX_FAILURE_COOLDOWN_SECONDS = 300.0
+BACKOFF_RESET_SECONDS = 60.0  # healthy this long, an engine's earlier failures are forgiven
 
 
 def _summary(error: str | None) -> str | None:
@@ -70,6 +71,9 @@ class Pool(ABC):
     """One model's engines. Subclasses say how to launch and stop them."""
 
     backend = "local"
+    backs_off = True
+    """Whether failed starts lengthen the cooldown: not for an upstream the gateway only
+    checks (``url``), which costs nothing to check again and may be back any moment."""
 
     def __init__(self, name: str, settings: ModelConfig, config: Config) -> None:
         self.name = name
@@ -82,6 +86,7 @@ class Pool(ABC):
         self._error: str | None = None
         self._failed_at = 0.0
         self._failed_starts = 0  # starts in a row that failed: each doubles the cooldown
+        self._healthy_since = 0.0
         self._changed = asyncio.Event()
         self._start_task: asyncio.Task[None] | None = None
         self._upstream: Upstream | None = None
@@ -149,19 +154,25 @@ class Pool(ABC):
         if new is PoolState.FAILED:
             self._error = error
             self._failed_at = time.monotonic()
-            self._failed_starts = self._failed_starts + 1 if old is PoolState.STARTING else 0
+            # A start that failed, or an engine that died soon after it was up (out of memory
+            # at its first request, say), backs off further; one that ran a while does not.
+            crashed_soon = old is PoolState.HEALTHY and not self._ran_a_while()
+            backs_off = old is PoolState.STARTING or crashed_soon
+            self._failed_starts = self._failed_starts + 1 if backs_off else 0
             metrics.ENGINE_FAILURES.labels(self.name).inc()
         elif new is PoolState.STARTING:
             self._starting_since = time.monotonic()
             metrics.ENGINE_STARTS.labels(self.name).inc()
         elif new is PoolState.HEALTHY:
             self._error = None
-            self._failed_starts = 0
+            self._healthy_since = time.monotonic()
             metrics.COLD_START_SECONDS.labels(self.name).observe(
                 time.monotonic() - self._starting_since
             )
         elif new is PoolState.COLD:
             self._error = None
+        if old is PoolState.HEALTHY and new is not PoolState.FAILED and self._ran_a_while():
+            self._failed_starts = 0
         if new is not PoolState.HEALTHY:
             self._upstream = None
         metrics.set_pool_state(self.name, new.value)
@@ -188,12 +199,16 @@ class Pool(ABC):
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _ran_a_while(self) -> bool:
+        """Whether the engine has been healthy long enough to forget earlier failures."""
+        return time.monotonic() - self._healthy_since >= BACKOFF_RESET_SECONDS
+
     def _cooldown_left(self) -> float:
         """How long a failed pool waits before the next start: ``failure_cooldown_seconds``,
         doubled by every start in a row that failed (at most 5 minutes), so that a model
         that cannot start (a typo, no memory for it) is not reloaded at every retry."""
         base = self.config.gateway.failure_cooldown_seconds
-        doublings = max(0, self._failed_starts - 1)
+        doublings = max(0, self._failed_starts - 1) if self.backs_off else 0
         cooldown = min(base * 2.0**doublings, max(base, MAX_FAILURE_COOLDOWN_SECONDS))
         return max(0.0, self._failed_at + cooldown - time.monotonic())
 
@@ -306,6 +321,13 @@ class Pool(ABC):
                 )
             await self._wait_change(remaining)
 
+    def check_up(self) -> None:
+        """Raise what ``up`` would refuse at once with (before ``/up`` pins the pool)."""
+        if self._closing:
+            raise ShuttingDown()
+        if self._stopping_for_down():  # a wait begun before the /down, most likely
+            raise ModelStopped(f"[{self.shown_name}] is being stopped with /down")
+
     def _stopping_for_down(self) -> bool:
         """Whether a ``/down`` is stopping the pool right now: whoever comes to wait for it
         then is told so, instead of starting it again as soon as it is stopped."""
@@ -333,12 +355,9 @@ class Pool(ABC):
     async def up(self, wait: float) -> PoolStatus:
         """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed
         (``ModelStopped`` if ``/down`` stops it meanwhile)."""
-        if self._closing:
-            raise ShuttingDown()
+        self.check_up()
         self.last_active = time.monotonic()
         downs = self._downs
-        if self._stopping_for_down():  # a wait begun before the /down, most likely
-            raise ModelStopped(f"[{self.shown_name}] is being stopped with /down")
         if self._state is PoolState.STOPPING:
             # Start again as soon as the stop under way is done.
             self._restart_after_stop = True
@@ -372,6 +391,8 @@ class Pool(ABC):
             self._failed_starts = 0  # the operator's turn: the next failure waits the least
             self._downs += 1
             self._restart_after_stop = False
+            if self._stop_task is not None:  # an idle stop under way is now the /down's
+                self._stop_reason = reason
         if self._stop_task is None and self._state in (
             PoolState.STARTING,
             PoolState.HEALTHY,

@@ -105,7 +105,9 @@ class LocalPool(Pool):
             await asyncio.wait({self._watcher})  # however it ends; this task stays cancellable
         count = self.settings.gpu_count()
         self._awaiting_slot = True  # stays so if the startup deadline cuts the wait short
-        devices = await self._slots.acquire(self.name, count, self._neighbours)
+        devices = await self._slots.acquire(
+            self.name, count, self._neighbours, shown_as=self.shown_name
+        )
         self._awaiting_slot = False
         port = free_port(ENGINE_HOST)
         api_key = secrets.token_urlsafe(24)
@@ -154,7 +156,7 @@ class LocalPool(Pool):
                     return
             if self._engine is engine and engine.returncode is None:  # else: it exited
                 self._engine_died(
-                    f"[{self.name}] the engine stopped answering on its port while its "
+                    f"[{self.shown_name}] the engine stopped answering on its port while its "
                     "process ran; it was stopped"
                 )
                 await engine.stop()

@@ -43,7 +43,7 @@ class Pools(ABC):
         self._background: set[asyncio.Task[PoolStatus]] = set()
         self._created = int(time.time())
         self._closing = False
-        self.hub = HubCheck(self.session)
+        self.hub = HubCheck()
         for name in config.models:  # each configured model has its series from the start
             metrics.set_pool_state(name, PoolState.COLD.value)
 
@@ -91,14 +91,18 @@ class Pools(ABC):
     async def down(self, name: str) -> PoolStatus:
         """Stop a model's pool. A model never started here has nothing to stop, and gets no
         pool (no row in ``/status``) unless its engines outlive this process (Modal); if it
-        is not configured either, the name is most likely mistyped: 404, as ``ollama stop``."""
+        is not configured either, the name is most likely mistyped: 404, as ``ollama stop``
+        (on Modal, only when the Hub does not know it)."""
         pool = self._pools.get(name)
-        if pool is None and not self.engines_outlive_gateway:
-            if name not in self.config.models:
+        if pool is None and name not in self.config.models:
+            # On Modal another gateway replica may have started it: only a name the Hub
+            # does not know is surely a typo there.
+            if not self.engines_outlive_gateway or await self.hub.missing(name):
                 raise ModelNotFound(
                     f"[{name}] is neither configured nor started here: nothing to stop",
                     param="model_path",
                 )
+        if pool is None and not self.engines_outlive_gateway:
             return self._cold_status(name)
         return await self.get(name).down()
 
@@ -176,6 +180,7 @@ class Pools(ABC):
         )
         if self._http is not None:
             await self._http.close()
+        await self.hub.close()
 
     def session(self) -> aiohttp.ClientSession:
         """The pools' own HTTP session (health checks), apart from the proxy's."""

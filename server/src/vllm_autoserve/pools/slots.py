@@ -81,17 +81,21 @@ class EngineSlots:
         return self.max_engines is None or len(self._held) < self.max_engines
 
     async def acquire(
-        self, name: str, count: int, holders: Callable[[], Sequence[SlotHolder]]
+        self,
+        name: str,
+        count: int,
+        holders: Callable[[], Sequence[SlotHolder]],
+        shown_as: str | None = None,
     ) -> list[int]:
         """Take a slot and ``count`` devices for ``name``, evicting idle engines or waiting
-        if needed."""
+        if needed; ``shown_as`` names the model in an error (default: ``name``)."""
         if not self.hands_out_gpus:
             count = 0  # a host without GPUs runs engines on none
         if count == 0 and self.max_engines is None:
             return []
         if count > len(self.devices):
             raise EngineFailed(
-                f"[{name}] needs {count} GPUs but this host has {len(self.devices)} "
+                f"[{shown_as or name}] needs {count} GPUs but this host has {len(self.devices)} "
                 f"(devices {self.devices})"
             )
         while True:

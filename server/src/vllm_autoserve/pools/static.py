@@ -37,6 +37,7 @@ def _redact(text: str, url: str) -> str:
 
 class StaticPool(Pool):
     backend = "static"
+    backs_off = False
 
     def __init__(
         self,
