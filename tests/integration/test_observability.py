@@ -59,6 +59,7 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         status = gw.status()
         assert last_sent <= status["m"]["last_request"] <= time.time()
         assert status["m"]["in_flight"] == 0 and status["m"]["engines"] == 1
+        assert status["bad"]["last_request"] is not None  # its requests failed, but came
         # The cause on the first line (what a status table or a one-line error shows), then
         # the engine's log tail.
         first, _, tail = status["bad"]["error"].partition("\n")

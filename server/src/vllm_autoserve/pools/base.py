@@ -293,6 +293,9 @@ class Pool(ABC):
         with the engine's error. When ``/down`` stops the pool meanwhile: ``ModelStopped``;
         past ``timeout``: ``ModelNotReady``.
         """
+        if self._state is PoolState.HEALTHY and self._upstream is not None:
+            return self._upstream  # (``lease`` notes the request)
+        self._last_request = time.time()  # one that waits, and may fail, counts too
         deadline = time.monotonic() + timeout
         downs = self._downs
         saw_start = False
