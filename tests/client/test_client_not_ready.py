@@ -87,6 +87,26 @@ def test_model_failed_raises_and_forgets_the_ready_state(
     assert gateway.paths()[3:] == ["/v1/up", CHAT]
 
 
+def test_a_request_that_down_stopped_is_not_retried_and_the_next_one_waits_anew(
+    gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
+) -> None:
+    client = make_client(model="m", max_retries=2)
+    chat(client)
+    gateway.model_errors.append(
+        (
+            503,
+            error_body("[m] was stopped with /down", "service_unavailable", "model_stopped"),
+            {"x-should-retry": "false"},
+        )
+    )
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(client)
+    assert info.value.code == "model_stopped"
+    assert gateway.paths()[2:] == [CHAT]  # not sent again: that would start the model
+    chat(client)
+    assert gateway.paths()[3:] == ["/v1/up", CHAT]  # the model is waited for anew
+
+
 def test_other_503s_keep_the_sdks_own_retries(
     gateway: FakeGateway, make_client: Callable[..., AutoserveClient]
 ) -> None:

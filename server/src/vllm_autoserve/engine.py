@@ -38,6 +38,7 @@ _PROGRESS_EVERY = 30.0  # a start this long says, in the log, what the engine la
 _GATEWAY_ONLY_ENV = ("VLLM_GATEWAY_AUTH", "AUTOSERVE_API_KEY")
 
 
+# "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
 _EXCEPTION_LINE = re.compile(r"^(\([^)]*\)\s*)?[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*\S")
 
 

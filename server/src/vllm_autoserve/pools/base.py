@@ -56,7 +56,6 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-# "OSError: ...", also behind vLLM's process tag: "(EngineCore_DP0 pid=12) ValueError: ..."
 MAX_FAILURE_COOLDOWN_SECONDS = 300.0
 BACKOFF_RESET_SECONDS = 60.0  # healthy this long, an engine's earlier failures are forgiven
 
