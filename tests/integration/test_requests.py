@@ -410,3 +410,35 @@ def test_an_unlisted_model_the_hub_does_not_know_is_a_quick_404_and_starts_nothi
             assert "/api/models/m" not in _Hub.asked
     finally:
         hub.shutdown()
+
+
+def test_anthropic_clients_get_the_gateways_errors_in_anthropics_shape() -> None:
+    """vLLM serves Anthropic's /v1/messages; the Anthropic SDK reads only its own error shape,
+    and only an SSE event named ``error``."""
+    cfg = fake_model("m") + fake_model("dying", "--die-mid-stream", "2", "--chunks", "5")
+    messages = {"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    with running_gateway(cfg) as gw, gw.client() as c:
+        unknown = c.post("/v1/messages", json={"model": "nobody", **messages})
+        assert unknown.status_code == 404
+        assert unknown.json()["type"] == "error"
+        assert unknown.json()["error"]["type"] == "not_found_error"
+        refused = httpx.post(gw.url + "/v1/messages", json={"model": "m", **messages},
+                             headers={"x-api-key": "wrong"})
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+        assert "x-api-key" in refused.json()["error"]["message"]
+        assert c.post("/up", json={"model_path": "dying", "wait": 15}).json()["status"] == "healthy"
+        with c.stream("POST", "/v1/messages",
+                      json={"model": "dying", "stream": True, **messages}) as response:
+            body = b""
+            with pytest.raises(httpx.RemoteProtocolError):  # cut: no final chunk
+                for chunk in response.iter_raw():
+                    body += chunk
+        last = body.rstrip(b"\n").split(b"\n\n")[-1]
+        assert last.startswith(b"event: error\ndata: ")
+        event = json.loads(last.split(b"data: ", 1)[1])
+        assert event["type"] == "error" and event["error"]["type"] == "api_error"
+        # OpenAI's routes keep OpenAI's shape.
+        assert c.post("/v1/chat/completions", json={"model": "nobody", **CHAT}).json()["error"][
+            "code"
+        ] == "model_not_found"

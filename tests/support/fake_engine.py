@@ -349,6 +349,7 @@ def main() -> None:
     app.router.add_post("/v1/chat/completions", engine.completions)
     app.router.add_get("/v1/chat/completions", engine.completions)
     app.router.add_post("/v1/completions", engine.completions)
+    app.router.add_post("/v1/messages", engine.completions)  # OpenAI's shapes, Anthropic's route
     app.router.add_post("/v1/embeddings", engine.embeddings)
     app.router.add_post("/v1/audio/transcriptions", engine.transcriptions)
     print("fake engine ready", flush=True)

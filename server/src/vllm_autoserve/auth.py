@@ -53,4 +53,6 @@ class ApiKeys:
 
 def unauthorized() -> Unauthorized:
     """The answer to a request without a valid key."""
-    return Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    return Unauthorized(
+        "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+    )

@@ -22,7 +22,8 @@ connection, an engine that exited) are mapped to one of these once, where they h
 
 A stream that breaks off after its first bytes cannot change its status any more: its error
 (``UpstreamDisconnected``, or ``ShuttingDown``) goes out as the stream's last event,
-``sse_event()``.
+``sse_event()``. Answers to vLLM's Anthropic routes (``/v1/messages``) take Anthropic's
+shape instead (``anthropic_body()``), which Anthropic's clients read.
 
 ``ConfigError`` is separate: it stops start-up and never reaches a client.
 """
@@ -70,11 +71,22 @@ class GatewayError(Exception):
             }
         }
 
-    def body_bytes(self) -> bytes:
-        return orjson.dumps(self.body())
+    def anthropic_body(self) -> dict[str, Any]:
+        """The error as Anthropic's API words it, for vLLM's ``/v1/messages`` routes."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else None)
+        return {
+            "type": "error",
+            "error": {"type": kind or "invalid_request_error", "message": self.message},
+        }
 
-    def sse_event(self) -> bytes:
-        """The error as a server-sent event, for a stream already under way."""
+    def body_bytes(self, *, anthropic: bool = False) -> bytes:
+        return orjson.dumps(self.anthropic_body() if anthropic else self.body())
+
+    def sse_event(self, *, anthropic: bool = False) -> bytes:
+        """The error as a server-sent event, for a stream already under way (Anthropic's
+        clients read only an event named ``error``)."""
+        if anthropic:
+            return b"event: error\ndata: " + self.body_bytes(anthropic=True) + b"\n\n"
         return b"data: " + self.body_bytes() + b"\n\n"
 
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -84,6 +96,16 @@ class GatewayError(Exception):
         if self.status == 401:
             headers.append((b"www-authenticate", b"Bearer"))
         return headers
+
+
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+}
 
 
 class BadRequest(GatewayError):

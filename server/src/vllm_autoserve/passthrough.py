@@ -95,7 +95,7 @@ class PassThrough:
         model = "-"  # the metrics' label: configured or started models only
         asked: str | None = None
         held = 0.0
-        outcome = Forwarded()
+        outcome = Forwarded(anthropic=route.startswith("/v1/messages"))
         try:
             if not self._allowed(scope, path):  # refused here, so that it is logged and counted
                 raise unauthorized()
@@ -255,7 +255,7 @@ class PassThrough:
 
 async def _answer_error(send: Send, error: GatewayError, outcome: Forwarded) -> None:
     outcome.status = error.status
-    error_body = error.body_bytes()
+    error_body = error.body_bytes(anthropic=outcome.anthropic)
     outcome.bytes_out = len(error_body)
     await send_bytes(send, error.status, error_body, error.headers())
 
@@ -267,7 +267,7 @@ async def _answer_shutdown(send: Send, outcome: Forwarded) -> None:
         if outcome.status == 0:
             await _answer_error(send, ShuttingDown(), outcome)
         elif outcome.stream:
-            event = ShuttingDown().sse_event()
+            event = ShuttingDown().sse_event(anthropic=outcome.anthropic)
             await send({"type": "http.response.body", "body": event, "more_body": True})
             outcome.upstream_broke = True
 

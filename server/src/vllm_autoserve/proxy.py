@@ -69,6 +69,8 @@ class Forwarded:
     upstream_broke: bool = False
     note_head: Callable[[bytes], None] | None = None
     """Called with the first bytes of a 200 answer, as they arrive (the Responses API's ids)."""
+    anthropic: bool = False
+    """The request is for vLLM's Anthropic API: the gateway's own errors take its shape."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ class Proxy:
                     await send(
                         {
                             "type": "http.response.body",
-                            "body": error.sse_event(),
+                            "body": error.sse_event(anthropic=result.anthropic),
                             "more_body": True,
                         }
                     )
