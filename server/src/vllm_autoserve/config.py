@@ -296,6 +296,11 @@ class Config(_Strict):
             return [*aliases, name]
         return [name, *aliases]
 
+    def shown_name(self, name: str) -> str:
+        """The name clients know a model by: its own, or a local folder's first alias (the
+        first served name)."""
+        return self.served_names(name)[0]
+
     def aliases_of(self, name: str) -> list[str]:
         model = self.models.get(name)
         return list(model.aliases) if model else []

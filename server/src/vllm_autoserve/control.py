@@ -114,11 +114,8 @@ def create_control_app(pools: Pools, config: Config) -> FastAPI:
         """Start a model's pool if needed; with ``wait`` long-poll until healthy or failed."""
         name = pools.resolve(request.model_path)
         await pools.admit(name)
-        pool = pools.get(name)
-        pool.check_up()  # before pinning: a refused /up leaves no pin behind
-        if request.min_containers is not None:
-            await pool.pin(request.min_containers)
-        status = await pool.up(min(request.wait, config.gateway.max_up_wait_seconds))
+        wait = min(request.wait, config.gateway.max_up_wait_seconds)
+        status = await pools.get(name).up(wait, pin=request.min_containers)
         return status.as_json()
 
     @app.post("/down")

@@ -73,11 +73,9 @@ class GatewayError(Exception):
 
     def anthropic_body(self) -> dict[str, Any]:
         """The error as Anthropic's API words it, for vLLM's ``/v1/messages`` routes."""
-        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else None)
-        return {
-            "type": "error",
-            "error": {"type": kind or "invalid_request_error", "message": self.message},
-        }
+        fallback = "api_error" if self.status >= 500 else "invalid_request_error"
+        kind = _ANTHROPIC_TYPES.get(self.status, fallback)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
 
     def body_bytes(self, *, anthropic: bool = False) -> bytes:
         return orjson.dumps(self.anthropic_body() if anthropic else self.body())

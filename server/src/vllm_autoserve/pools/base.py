@@ -76,8 +76,8 @@ class Pool(ABC):
 
     def __init__(self, name: str, settings: ModelConfig, config: Config) -> None:
         self.name = name
-        self.shown_name = config.served_names(name)[0]
-        """The name clients know it by, in what they are told: a local folder's first alias."""
+        self.shown_name = config.shown_name(name)
+        """The name clients know it by, in what they are told (``Config.shown_name``)."""
         self.settings = settings
         self.config = config
         self._state = PoolState.COLD
@@ -323,13 +323,6 @@ class Pool(ABC):
                 )
             await self._wait_change(remaining)
 
-    def check_up(self) -> None:
-        """Raise what ``up`` would refuse at once with (before ``/up`` pins the pool)."""
-        if self._closing:
-            raise ShuttingDown()
-        if self._stopping_for_down():  # a wait begun before the /down, most likely
-            raise ModelStopped(f"[{self.shown_name}] is being stopped with /down")
-
     def _stopping_for_down(self) -> bool:
         """Whether a ``/down`` is stopping the pool right now: whoever comes to wait for it
         then is told so, instead of starting it again as soon as it is stopped."""
@@ -354,10 +347,15 @@ class Pool(ABC):
             if self._in_flight == 0 and self.on_idle is not None:
                 self.on_idle()
 
-    async def up(self, wait: float) -> PoolStatus:
-        """Start the pool if needed; with ``wait`` > 0 long-poll until healthy or failed
-        (``ModelStopped`` if ``/down`` stops it meanwhile)."""
-        self.check_up()
+    async def up(self, wait: float, pin: int | None = None) -> PoolStatus:
+        """Start the pool if needed, pinned to ``pin`` engines if given; with ``wait`` > 0
+        long-poll until healthy or failed (``ModelStopped`` if ``/down`` stops it meanwhile)."""
+        if self._closing:
+            raise ShuttingDown()
+        if self._stopping_for_down():  # a wait begun before the /down, most likely
+            raise ModelStopped(f"[{self.shown_name}] is being stopped with /down")
+        if pin is not None:  # only once the call is taken: a refused one leaves no pin
+            await self.pin(pin)
         self.last_active = time.monotonic()
         downs = self._downs
         if self._state is PoolState.STOPPING:

@@ -139,7 +139,7 @@ class Pools(ABC):
         created = self._created
         for name, model in self.config.models.items():
             # A local folder's model goes by its aliases: its path is no business of clients.
-            public = self.config.served_names(name)[0]
+            public = self.config.shown_name(name)
             names = [*model.aliases] if public != name else [name, *model.aliases]
             entries.extend(ModelEntry(id=n, root=public, created=created, pool=name) for n in names)
             entries.extend(
