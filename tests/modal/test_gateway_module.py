@@ -204,6 +204,81 @@ def test_gateway_function_settings(
     assert opts["timeout"] == 60 * 60
 
 
+def test_modal_gpu_specs_with_suffixes_get_classes_of_their_own(
+    load: Callable[[str | None], ModuleType],
+) -> None:
+    from modal._utils.function_utils import parse_gpu_config
+
+    gateway = load(
+        '[models."exact/h100"]\ngpu = "H100!"\n'
+        '[models."any/b200"]\ngpu = "B200+:8"\ntensor_parallel_size = 8\n'
+    )
+    exact = getattr(gateway, class_for(gateway.CONFIG, "exact/h100"))
+    better = getattr(gateway, class_for(gateway.CONFIG, "any/b200"))
+    assert len(gateway.ENGINE_CLASSES) == 3  # Engine (H100), H100! and B200+:8
+    assert service_function(exact)._spec.gpus == "H100!"
+    assert service_function(better)._spec.gpus == "B200+:8"
+    for spec in ("H100!", "B200+:8"):
+        parse_gpu_config(spec)  # Modal's own parser takes them
+
+
+def test_an_idle_time_over_modals_window_is_cut_and_reported(
+    load: Callable[[str | None], ModuleType], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        gateway = load('[models."slow/idle"]\nidle_seconds = 7200\n')
+    cls = getattr(gateway, class_for(gateway.CONFIG, "slow/idle"))
+    assert options(cls)["scaledown_window"] == 3600
+    assert (
+        'models."slow/idle": idle_seconds = 7200 is over Modal\'s longest scale-down '
+        "window; using 3600" in caplog.text
+    )
+
+
+def test_modals_own_deprecation_of_update_autoscaler_is_not_logged() -> None:
+    # Obj.update_autoscaler (one model's pool) is implemented with the deprecated
+    # Function.update_autoscaler in modal 1.6; other deprecations still show.
+    import subprocess
+
+    script = (
+        "import vllm_autoserve.modal_handles\n"
+        "from modal._utils.deprecation import deprecation_warning\n"
+        "deprecation_warning((2026, 10, 16), '`Function.update_autoscaler()` is deprecated')\n"
+        "deprecation_warning((2026, 10, 16), 'Something else is deprecated')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, check=True
+    )
+    assert "update_autoscaler" not in run.stderr
+    assert "Something else is deprecated" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("model_path", "reason"),
+    [
+        (
+            "someone/unlisted",
+            "[someone/unlisted] is refused: [someone/unlisted] is not a configured model",
+        ),
+        ("../etc", "[../etc] is refused: "),
+        ("qwen-next", "[qwen-next] is not a canonical model name"),
+    ],
+)
+def test_an_engine_url_called_with_a_refused_name_fails_with_its_reason(
+    load: Callable[[str | None], ModuleType], model_path: str, reason: str
+) -> None:
+    import asyncio
+
+    from vllm_autoserve.engine import EngineFailed
+
+    gateway = load(CONFIG.replace("[gateway]\n", "[gateway]\nallow_unlisted = false\n", 1))
+    engine = synchronizer._translate_in(gateway.Engine)._user_cls()
+    engine.model_path = model_path
+    with pytest.raises(EngineFailed) as info:
+        asyncio.run(engine._start_engine(sleep_mode=False))
+    assert str(info.value).startswith(reason)
+
+
 def test_gateway_body_builds_the_app_over_modal_pools(
     load: Callable[[str | None], ModuleType], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +294,24 @@ def test_gateway_body_builds_the_app_over_modal_pools(
     assert isinstance(asgi.pools.state, LiveDict)
     assert isinstance(asgi.pools.engines, LiveEngines)
     assert asgi.config.gateway.hold_seconds == 140
+
+
+@pytest.mark.parametrize("proxy_auth", [False, True])
+def test_a_gateway_with_open_engine_urls_says_so_at_start(
+    load: Callable[[str | None], ModuleType],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    proxy_auth: bool,
+) -> None:
+    setting = f"[gateway]\nmodal_proxy_auth = {str(proxy_auth).lower()}\n"
+    gateway = load(CONFIG.replace("[gateway]\n", setting, 1))
+    monkeypatch.setenv("VLLM_GATEWAY_AUTH", "k1")
+    monkeypatch.setenv("MODAL_PROXY_KEY", "wk-1")
+    monkeypatch.setenv("MODAL_PROXY_SECRET", "ws-1")
+    with caplog.at_level(logging.WARNING, logger="vllm_autoserve.gateway"):
+        gateway.gateway.local()
+    warned = "engine URLs answer anyone who guesses them" in caplog.text
+    assert warned is not proxy_auth
 
 
 def test_the_engine_key_is_read_daily_so_that_modal_never_drops_it(

@@ -228,6 +228,13 @@ async def test_idle_and_shutdown_only_forget_the_pool_locally() -> None:
     assert engines.cancelled == []
 
 
+def test_the_pool_is_forgotten_before_modals_longest_window_ends() -> None:
+    # Modal cuts idle_seconds to 3600 s: a gateway counting 2 hours would route to a pool
+    # that Modal scaled to zero an hour before, a cold start inside a web request.
+    pools, _, _ = make_pools(idle_seconds=7200)
+    assert pools.get(MODEL).idle_seconds == 3570
+
+
 async def test_command_models_are_not_started_on_modal() -> None:
     config = parse_config(
         {"models": {"local-tool": {"command": ["python", "-m", "x", "--port", "{port}"]}}}

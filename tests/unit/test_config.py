@@ -96,6 +96,13 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"models": {"m": {"env": {"X": 1}}}}, "models.m.env.X: Input should be a valid string"),
         ({"models": {"a": {"lora_modules": {"x": " "}}}}, "is not a repo id or path"),
         ({"defaults": {"lora_modules": {"x": "/l"}}}, "defaults.lora_modules: unknown key"),
+        ({"defaults": {"gpu": "H100"}, "models": {"o/m": {"tensor_parallel_size": 2}}},
+         """models."o/m": tensor_parallel_size = 2 needs 2 GPUs, but gpu = 'H100' (from """
+         "[defaults]) gives 1; set gpu = \"H100:2\""),
+        ({"defaults": {"gpu": 2, "tensor_parallel_size": 4}},
+         "defaults: tensor_parallel_size = 4 needs 4 GPUs, but gpu = 2 gives 2; set gpu = 4"),
+        ({"models": {"m": {"gpu": "H100:16"}}}, "models.m.gpu: 'H100:16' is not a GPU spec"),
+        ({"models": {"m": {"gpu": "H100!!"}}}, "models.m.gpu: 'H100!!' is not a GPU spec"),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:

@@ -143,8 +143,12 @@ class ModelSettings(_Strict):
     def _gpu_spec(cls, value: str | int | None) -> str | int | None:
         if isinstance(value, int) and value < 0:
             raise ValueError("must be a GPU spec like 'H100:2' or a count >= 0")
-        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_-]+(:[1-9][0-9]?)?", value):
-            raise ValueError(f"{value!r} is not a GPU spec like 'H100' or 'H200:2'")
+        # Modal's spec: a type, "!" (exactly this type, never upgraded) or "+" (this type or
+        # better), and at most 8 GPUs per container.
+        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_-]+[!+]?(:[1-8])?", value):
+            raise ValueError(
+                f"{value!r} is not a GPU spec like 'H100', 'H100!' or 'H200:2' (at most 8)"
+            )
         return value
 
 
@@ -226,6 +230,32 @@ class Config(_Strict):
                 if adapter in seen:
                     raise ValueError(f"{where}: {adapter!r} is already used by {seen[adapter]}")
                 seen[adapter] = where
+        return self
+
+    @model_validator(mode="after")
+    def _gpus_fit_tensor_parallel(self) -> Config:
+        # vLLM refuses a tensor-parallel size larger than the GPUs it sees: on Modal each such
+        # start would pay for a GPU container and fail.
+        for name in ["", *self.models]:
+            settings = self.model(name)
+            if settings.command is not None or settings.url is not None:
+                continue
+            tensor_parallel, gpu = settings.tensor_parallel_size, settings.gpu
+            if tensor_parallel is None or gpu is None or gpu == 0:
+                continue
+            if tensor_parallel > settings.gpu_count():
+                where = f'models."{name}"' if name else "defaults"
+                inherited = " (from [defaults])" if name and self.models[name].gpu is None else ""
+                enough = (
+                    tensor_parallel
+                    if isinstance(gpu, int)
+                    else f'"{gpu.partition(":")[0]}:{tensor_parallel}"'
+                )
+                raise ValueError(
+                    f"{where}: tensor_parallel_size = {tensor_parallel} needs "
+                    f"{tensor_parallel} GPUs, but gpu = {gpu!r}{inherited} gives "
+                    f"{settings.gpu_count()}; set gpu = {enough}"
+                )
         return self
 
     # -- lookups -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import modal
 
 from .config import CONFIG_ENV, Config, load_config
 from .engine import EngineFailed
+from .errors import GatewayError
 from .modal_engine import ContainerEngine
 from .modal_handles import LiveDict
 from .modal_layout import (
@@ -30,6 +31,7 @@ from .modal_layout import (
     GATEWAY_SECRET,
     HF_CACHE_VOLUME,
     HF_SECRET,
+    MODAL_MAX_SCALEDOWN,
     SAFE_HOLD,
     START_MARGIN_SECONDS,
     VLLM_CACHE_VOLUME,
@@ -81,7 +83,8 @@ def _load() -> tuple[Config, str | None]:
 def gateway_config(config: Config) -> Config:
     """The configuration the gateway runs with: ``hold_seconds`` and ``/up``'s longest wait
     kept under Modal's 150 s web limit (a longer wait is answered with a redirect, not with
-    the gateway's own 503 or status)."""
+    the gateway's own 503 or status). An ``idle_seconds`` over Modal's longest scale-down
+    window is reported here; the engine classes and pools use that window."""
     gateway = config.gateway
     if gateway.hold_seconds > SAFE_HOLD:
         log.warning(
@@ -89,6 +92,16 @@ def gateway_config(config: Config) -> Config:
             gateway.hold_seconds,
             SAFE_HOLD,
         )
+    for name in ["", *config.models]:
+        model = config.model(name)
+        idle = model.effective_idle_seconds(gateway)
+        if idle > MODAL_MAX_SCALEDOWN and model.url is None and model.command is None:
+            log.warning(
+                "%s: idle_seconds = %g is over Modal's longest scale-down window; using %d",
+                f'models."{name}"' if name else "[defaults]",
+                idle,
+                MODAL_MAX_SCALEDOWN,
+            )
     clamped = {
         "hold_seconds": min(gateway.hold_seconds, SAFE_HOLD),
         "max_up_wait_seconds": min(gateway.max_up_wait_seconds, SAFE_HOLD),
@@ -142,7 +155,13 @@ class _Engine:
     async def _start_engine(self, *, sleep_mode: bool) -> ContainerEngine:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         logging.getLogger("vllm_autoserve.engine").setLevel(logging.DEBUG)  # vLLM's own output
-        if CONFIG.resolve(self.model_path) != self.model_path:
+        # A request straight to an engine URL may name anything: a name the gateway would
+        # refuse fails the container at once, with a one-line reason.
+        try:
+            canonical = CONFIG.resolve(self.model_path)
+        except GatewayError as exc:
+            raise EngineFailed(f"[{self.model_path}] is refused: {exc.message}") from None
+        if canonical != self.model_path:
             raise EngineFailed(f"[{self.model_path}] is not a canonical model name")
         state = LiveDict()
         key = await engine_key(state)
@@ -264,6 +283,11 @@ def gateway() -> GatewayApp:
     if not logging.getLogger().handlers:
         setup_logging("info")
     logging.getLogger("vllm_autoserve").setLevel(logging.INFO)
+    if not GATEWAY_CONFIG.gateway.modal_proxy_auth:
+        log.warning(
+            "engine URLs answer anyone who guesses them, and may start GPU containers for "
+            "them: set [gateway] modal_proxy_auth = true (docs/deploy.md, Security)"
+        )
     app = create_app(ModalPools(GATEWAY_CONFIG), GATEWAY_CONFIG, ApiKeys(keys_from_env()))
     tune_gc_for_serving()
     return app

@@ -18,6 +18,7 @@ checked in modal 1.6.4's sources (``modal/dict.py``, ``modal/cls.py``, ``modal/_
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import modal
@@ -26,6 +27,16 @@ import modal.exception
 from .config import Config
 from .modal_layout import APP_NAME, STATE_DICT, class_for
 from .pools.modal import BootExpired
+
+# ``Obj.update_autoscaler`` is the documented call for one parametrized instance, but modal
+# 1.6 implements it with ``Function.update_autoscaler``, which warns that it is deprecated
+# (its replacement, ``Function.autoscaler``, has no per-instance form): the warning is Modal's
+# own, and would be logged on every start, pin and /down.
+warnings.filterwarnings(
+    "ignore",
+    message=r".*`Function\.update_autoscaler\(\)` is deprecated",
+    category=modal.exception.DeprecationError,
+)
 
 
 class LiveDict:

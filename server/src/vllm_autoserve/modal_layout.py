@@ -51,6 +51,7 @@ START_MARGIN_SECONDS = 60
 """Modal's ``startup_timeout`` and the gateway's wait exceed an engine's own start deadline
 (``startup_seconds``) by this much, so that they see its failure, log tail included."""
 MODAL_MIN_SCALEDOWN = 2
+MODAL_MAX_SCALEDOWN = 3600  # Modal refuses a longer scaledown_window
 """The shortest ``scaledown_window`` Modal accepts (up to 3600 s)."""
 PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret
 PROXY_SECRET_ENV = "MODAL_PROXY_SECRET"
@@ -100,7 +101,10 @@ def engine_shape(config: Config, model: str) -> EngineShape:
         gpu=gpu,
         max_inputs=settings.max_inputs or DEFAULT_MAX_INPUTS,
         scaledown_seconds=int(
-            min(max(settings.effective_idle_seconds(config.gateway), MODAL_MIN_SCALEDOWN), 3600)
+            min(
+                max(settings.effective_idle_seconds(config.gateway), MODAL_MIN_SCALEDOWN),
+                MODAL_MAX_SCALEDOWN,
+            )
         ),
         startup_seconds=int(settings.effective_startup_seconds(config.gateway)),
         max_containers=settings.max_containers,

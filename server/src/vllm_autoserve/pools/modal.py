@@ -116,8 +116,10 @@ class ModalPool(Pool):
 
     @property
     def idle_seconds(self) -> float:
-        configured = super().idle_seconds
-        return max(configured - IDLE_MARGIN_SECONDS, configured / 2)
+        # Modal scales the pool down after its scaledown window, which is idle_seconds cut
+        # to Modal's range: the gateway forgets the pool a little sooner.
+        window = float(self._scaledown_seconds)
+        return max(window - IDLE_MARGIN_SECONDS, window / 2)
 
     @property
     def startup_seconds(self) -> float:
