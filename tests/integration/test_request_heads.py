@@ -93,6 +93,29 @@ def test_slow_heads_are_cut_but_slow_answers_and_bodies_are_not() -> None:
         assert answer.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: get\r\n" in answer.lower()
 
 
+def test_a_body_answered_early_cannot_hold_the_connection() -> None:
+    with running_gateway(CONFIG) as gw:
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")  # no key: answered at once
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 10 and not closed:
+            time.sleep(0.3)
+            try:
+                sock.sendall(b" ")  # a byte now and then
+                sock.settimeout(0.01)
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+        # Closed after client_header_seconds (1 s here), not kept for the whole 100 MB.
+        assert closed and time.monotonic() - started < 5
+
+
 def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -> None:
     with running_gateway(CONFIG) as gw:
         for broken in (
@@ -107,12 +130,93 @@ def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -
             head, body = answer.split(b"\r\n\r\n", 1)
             assert b"content-type: application/json" in head.lower()
             assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        # A body that cannot be parsed is answered too, not met with a closed connection.
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n\r\nzz\r\n"
+        )
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["type"] == (
+            "invalid_request_error"
+        )
         # A trailing slash is another route, not a redirect to one built from the Host header.
         for path in ("/up/", "/status/", "/metrics/"):
             answer = httpx.get(gw.url + path, headers={**gw.headers, "Host": "evil.example"})
             assert answer.status_code == 404 and "location" not in answer.headers
             assert answer.json()["error"]["code"] == "not_found"
+        # A body that is not JSON does not hide the route's own answer.
+        form = httpx.post(
+            gw.url + "/audio/transcriptions",
+            headers=gw.headers,
+            data={"model": "slow"},
+            files={"file": ("a.wav", b"RIFF")},
+        )
+        assert form.status_code == 404
+        assert "does the client's base URL end in /v1" in form.json()["error"]["message"]
+        posted = httpx.post(gw.url + "/status", headers=gw.headers, content=b"a=b")
+        assert posted.status_code == 405 and posted.headers["allow"] == "GET"
         # A client whose base URL lacks /v1 is told so.
         sdk = openai.OpenAI(base_url=gw.url, api_key=gw.api_key, max_retries=0)
         with pytest.raises(openai.NotFoundError, match="does the client's base URL end in /v1"):
             sdk.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])
+
+
+def _answers(raw: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each answer on a connection, read to its end."""
+    answers = []
+    while raw:
+        head, raw = raw.split(b"\r\n\r\n", 1)
+        status = int(head.split(b" ", 2)[1])
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        answers.append((status, raw[:length]))
+        raw = raw[length:]
+    return answers
+
+
+def test_a_request_asking_to_upgrade_to_http2_is_served_as_http11() -> None:
+    # Java's HTTP client asks for h2c on every plain-HTTP request, its body included.
+    upgrade = (
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    )
+    with running_gateway(CONFIG) as gw:
+        auth = b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n"
+        body = json.dumps({"model": "slow", "messages": [], "max_tokens": 2}).encode()
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        for framing, payload in (
+            (b"Content-Length: %d\r\n" % len(body), body),
+            (b"Transfer-Encoding: chunked\r\n", chunked),
+        ):
+            sock = _connect(gw.url)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                + upgrade
+                + auth
+                + b"Content-Type: application/json\r\n"
+                + framing
+                + b"\r\n"
+            )
+            time.sleep(0.2)  # the body in a later read than the head
+            sock.sendall(payload + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            (chat_status, chat), (health_status, _) = _answers(_read_all(sock))
+            assert chat_status == 200, chat
+            assert len(json.loads(chat)["choices"][0]["message"]["content"].split()) == 2
+            assert health_status == 200
+
+        # A body that reads like a request stays the body: one answer, no second request.
+        smuggled = b"GET /status HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + upgrade
+            + auth
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+        )
+        time.sleep(0.2)
+        sock.sendall(smuggled)
+        sock.shutdown(socket.SHUT_WR)
+        answers = _answers(_read_all(sock))
+        assert [status for status, _ in answers] == [400], answers
+        assert b"not valid JSON" in answers[0][1]

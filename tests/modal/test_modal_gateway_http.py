@@ -39,7 +39,8 @@ class RecordingEngine:
         self.seen.append(
             {
                 "path": request.path,
-                "query": dict(request.query),
+                "query": [(k, v) for k, v in request.query.items()],
+                "forwarded_for": request.headers.get("X-Forwarded-For"),
                 "auth": request.headers.get("Authorization"),
                 "model": body.get("model"),
                 "modal_key": request.headers.get("Modal-Key"),
@@ -106,16 +107,20 @@ async def test_up_pending_healthy_then_chat(recording: tuple[RecordingEngine, st
         models = (await client.get("/v1/models")).json()["data"]
         assert {m["id"] for m in models} == {MODEL, "qwen"}
 
+        # A client's own model_path (first, as a server may read it) or forwarding headers
+        # cannot choose the engine, or what it takes the client's address to be.
         answer = await client.post(
-            "/v1/chat/completions",
+            "/v1/chat/completions?model%5Fpath=other/model&x=1&model_path=a/b",
             json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-Forwarded-For": "6.6.6.6"},
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == "hello"
         assert upstream.seen == [
             {
                 "path": "/v1/chat/completions",
-                "query": {"model_path": MODEL},
+                "query": [("x", "1"), ("model_path", MODEL)],
+                "forwarded_for": None,
                 "auth": f"Bearer {state.data[ENGINE_KEY]}",  # never the client's key
                 "model": "qwen",  # the engine serves its aliases too
                 "modal_key": None,

@@ -136,7 +136,8 @@ def test_valid_repo_ids(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["../etc/passwd", "a/../b", "/abs/path", "-x", "--trust-remote-code", "a/-b", "a b",
-     " a", "a\nb", "a\rb", "a\x00b", "a/b/c", "a" * 257, "a/b.git", "a--b", "", ".hidden"],
+     " a", "a\nb", "a\rb", "a\x00b", "a/b/c", "a" * 257, "a/b.git", "a--b", "", ".hidden",
+     "owner/name\n"],
 )
 def test_invalid_repo_ids(name: str) -> None:
     with pytest.raises(InvalidModelName):

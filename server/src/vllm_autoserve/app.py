@@ -31,6 +31,7 @@ log = logging.getLogger("vllm_autoserve.app")
 
 _CONTROL_PATHS = frozenset({"/v1/up", "/v1/down", "/v1/status", "/v1/models"})
 _CONTROL_BODY_LIMIT = 64 * 1024
+_JSON_ROUTES = frozenset({"/up", "/v1/up", "/down", "/v1/down"})  # control routes with a body
 _HEALTH_BODY = orjson.dumps({"status": "ok"})
 _JSON = [(b"content-type", b"application/json")]
 
@@ -139,7 +140,7 @@ class GatewayApp:
             except GatewayError as error:
                 await send_error(send, error)
                 return
-            if body:
+            if body and scope["path"] in _JSON_ROUTES:  # elsewhere: 404 or 405 comes first
                 invalid = _json_problem(body)
                 if invalid is not None:
                     await send_error(send, invalid)

@@ -21,7 +21,7 @@ MAX_MODEL_NAME = 256
 
 # A Hugging Face repo id: "name" or "owner/name", letters, digits, '.', '_', '-', each part
 # starting with a letter or digit (so no leading '-' that could pass for a command-line option).
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+_HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A web origin as browsers send it: scheme://host[:port], nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
@@ -344,7 +344,7 @@ def check_model_name(name: str) -> None:
             f"model name is {len(name)} characters long; at most {MAX_MODEL_NAME} are allowed",
             param="model",
         )
-    if not _HF_REPO_ID.match(name) or ".." in name or "--" in name or name.endswith(".git"):
+    if not _HF_REPO_ID.fullmatch(name) or ".." in name or "--" in name or name.endswith(".git"):
         raise InvalidModelName(
             f"[{shown}] is not a configured model nor a valid Hugging Face repo id "
             "('owner/name' of letters, digits, '.', '_' and '-')",

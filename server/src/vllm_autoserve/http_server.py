@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from types import FrameType
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -85,8 +86,9 @@ class GatewayServer(uvicorn.Server):
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Refuses a head still incomplete after ``MAX_HEAD_BYTES`` (431: checked per read, so a
     head that arrives whole in one read may be larger) or ``head_seconds`` after
-    its first byte (408), and closes a connection that sends nothing for ``head_seconds``
-    after opening."""
+    its first byte (408), closes a connection that sends nothing for ``head_seconds``
+    after opening, or the rest of a body it answered early for as long, and serves a
+    request that asks for an upgrade to HTTP/2 as HTTP/1.1."""
 
     head_seconds = 30.0
 
@@ -94,6 +96,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_body = False  # between a head's end and its message's end
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    _requests = 0  # begun on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,10 +108,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_body:
-            super().data_received(data)
+            self._feed(data)
             return
         self._head_bytes += len(data)
-        super().data_received(data)
+        self._feed(data)
         if not self._head_started or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
@@ -116,8 +119,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         elif self._head_timer is None:
             self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received``, but for an upgrade it does not serve (``h2c``)."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._ignore_upgrade(data[upgrade.args[0] :])
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Serve a request that asked for an upgrade (Java's HTTP client asks for ``h2c`` on
+        every plain-HTTP request) as HTTP/1.1, as RFC 9110 lets a server do.
+
+        httptools takes such a request to end with its head: its body, unparsed, would be
+        read as the next request. So the request is taken up again: its head, without the
+        upgrade, goes to a new parser that passes on only the body, and what follows."""
+        assert self.cycle is not None
+        self.cycle.more_body = True  # the old parser called the message complete
+        self._in_body = True
+        upgrade_headers = (b"connection", b"upgrade", b"http2-settings")
+        head = [
+            b"%s / HTTP/%s"
+            % (self.scope["method"].encode(), self.parser.get_http_version().encode())
+        ]
+        head += [b"%s: %s" % header for header in self.headers if header[0] not in upgrade_headers]
+        self.parser = httptools.HttpRequestParser(_HeadAlreadyParsed(self))
+        self._feed(b"\r\n".join(head) + b"\r\n\r\n" + rest)
+
     def on_message_begin(self) -> None:
         self._head_started = True
+        self._requests += 1
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
@@ -130,6 +166,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_body = False
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_body and not self.transport.is_closing():
+            # Answered before its body was read (a 401, a 413): uvicorn reads the rest and
+            # drops it, so that the client sees the answer, but a keyless client must not
+            # hold the connection by sending a byte now and then.
+            self.loop.call_later(self.head_seconds, self._close_if_still_in, self._requests)
+
+    def _close_if_still_in(self, request: int) -> None:
+        if self._requests == request and self._in_body and not self.transport.is_closing():
+            self.transport.close()
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -150,16 +198,57 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(BadRequest(f"malformed HTTP request ({msg.rstrip('.').lower()})"))
 
     def _refuse(self, error: GatewayError) -> None:
-        """Answer ``error`` and close: written here, since no request (and no app) has it."""
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # an answer is under way on this connection: no room for another
-            return
+        """Answer ``error`` and close, written here: no request has begun (so no app could),
+        or its own body is what is malformed."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started or not self._in_body:
+                # An answer is under way, or due first (a pipelined request's head is the
+                # faulty one): no room for another.
+                self.transport.close()
+                return
+            # This cycle's own body is at fault: its app is told the client left, and the
+            # answer is this error.
+            cycle.disconnected = True
+            cycle.message_event.set()
         body = error.body_bytes()
         head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head += [b"%s: %s" % header for header in error.headers()]
         head += [b"content-length: %d" % len(body), b"connection: close"]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.transport.close()
+
+
+class _HeadAlreadyParsed:
+    """Parser callbacks that skip the head of the first request (the protocol has it) and
+    pass on everything else."""
+
+    def __init__(self, protocol: BoundedHttpToolsProtocol) -> None:
+        self._protocol = protocol
+        self._in_first = True
+
+    def on_message_begin(self) -> None:
+        if not self._in_first:
+            self._protocol.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._in_first:
+            self._protocol.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_first:
+            self._protocol.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self._in_first:
+            self._protocol.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._protocol.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_first = False
+        self._protocol.on_message_complete()
 
 
 def bounded_http_protocol(head_seconds: float) -> type[BoundedHttpToolsProtocol]:

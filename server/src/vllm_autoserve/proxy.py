@@ -16,7 +16,15 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, quote, unquote, urlencode, urljoin, urlsplit
+from urllib.parse import (
+    SplitResult,
+    quote,
+    unquote,
+    unquote_plus,
+    urlencode,
+    urljoin,
+    urlsplit,
+)
 
 from . import metrics
 from .asgi import Send
@@ -49,6 +57,14 @@ _REQUEST_DROP = _HOP_BY_HOP | {
     b"expect",
     b"modal-key",  # Modal's proxy token: the gateway's to send, never a client's
     b"modal-secret",
+    # uvicorn (vLLM's server) believes these from 127.0.0.1, where the gateway connects
+    # from: a client's own would set the engine's idea of its address and scheme.
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-real-ip",
 }
 _RESPONSE_DROP = _HOP_BY_HOP | {b"date", b"server"}
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -141,8 +157,11 @@ class Proxy:
         target = _target(upstream.url)
         url = target.path_prefix + path
         if query or upstream.params:
+            client_query = query.decode("latin-1")
+            if client_query and upstream.params:
+                client_query = _without_params(client_query, upstream.params)
             url += "?" + "&".join(
-                part for part in (query.decode("latin-1"), urlencode(upstream.params)) if part
+                part for part in (client_query, urlencode(upstream.params)) if part
             )
         # latin-1: the client's raw path and query bytes go upstream exactly as they came.
         lines = [
@@ -296,6 +315,15 @@ def _whole_events(data: bytes) -> tuple[bytes, bytes]:
         if at >= 0:
             end = max(end, at + len(ending))
     return data[:end], data[end:]
+
+
+def _without_params(query: str, params: tuple[tuple[str, str], ...]) -> str:
+    """The client's query without parameters the gateway sets (Modal's ``model_path``): a
+    server may read the first of several, and the client's would pick the engine."""
+    names = {name for name, _ in params}
+    return "&".join(
+        part for part in query.split("&") if unquote_plus(part.partition("=")[0]) not in names
+    )
 
 
 def _end_to_end(
