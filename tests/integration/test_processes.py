@@ -28,7 +28,7 @@ def engine_pids(pid_file: Path) -> list[int]:
     return [int(p) for p in pid_file.read_text().split()]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_stopping_the_gateway_stops_engines_and_their_children(tmp_path: Path, sig: int) -> None:
     pid_file = tmp_path / "pids"
     cfg = fake_model("m", "--spawn-child", "--pid-file", str(pid_file))
@@ -39,6 +39,9 @@ def test_stopping_the_gateway_stops_engines_and_their_children(tmp_path: Path, s
         # uvicorn re-raises the signal once shut down cleanly: death by SIGTERM; Ctrl-C
         # (SIGINT) ends quietly with 130, as shells report it.
         assert gw.stop(sig) in ((130,) if sig == signal.SIGINT else (0, -sig))
+        # Stopped by the gateway (a closed terminal's SIGHUP too), not by the engine guard
+        # noticing that the gateway died.
+        assert "[m] pool healthy -> stopping (gateway shutdown)" in gw.log()
     wait_for(lambda: not alive(pids), timeout=15)
 
 
@@ -526,6 +529,8 @@ def test_a_pinned_engine_keeps_its_gpu_until_the_pin_is_lifted() -> None:
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_ready"
         assert "waiting for GPUs or an engine slot" in refused.json()["error"]["message"]
         assert gw.status()["a"]["state"] == "healthy"
+        waiting = gw.status()["b"]
+        assert (waiting["state"], waiting["engines"]) == ("starting", 0)  # none launched
         # A start that never got its GPU says so, not that its engine was slow.
         timed_out = c.post("/up", json={"model_path": "c", "wait": 10}).json()
         assert timed_out["status"] == "failed"

@@ -7,7 +7,7 @@ import pytest
 from vllm_autoserve.config import Config, check_model_name, load_config, parse_config
 from vllm_autoserve.errors import ConfigError, InvalidModelName, ModelNotFound
 
-FULL_EXAMPLE = '''
+FULL_EXAMPLE = """
 [gateway]
 hold_seconds = 120
 idle_seconds = 900
@@ -29,7 +29,7 @@ command = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/mo
 
 [models."already-running"]
 url = "http://127.0.0.1:9000"
-'''
+"""
 
 
 def test_a_config_with_every_kind_of_model_loads(tmp_path: Path) -> None:
@@ -51,10 +51,12 @@ def test_no_file_means_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_env_merges_and_vllm_args_append() -> None:
-    config = parse_config({
-        "defaults": {"env": {"A": "1", "B": "1"}, "vllm_args": ["--enable-prefix-caching"]},
-        "models": {"m": {"env": {"B": "2"}, "vllm_args": ["--max-model-len", "4096"]}},
-    })
+    config = parse_config(
+        {
+            "defaults": {"env": {"A": "1", "B": "1"}, "vllm_args": ["--enable-prefix-caching"]},
+            "models": {"m": {"env": {"B": "2"}, "vllm_args": ["--max-model-len", "4096"]}},
+        }
+    )
     model = config.model("m")
     assert model.env == {"A": "1", "B": "2"}
     assert model.vllm_args == ["--enable-prefix-caching", "--max-model-len", "4096"]
@@ -63,44 +65,64 @@ def test_env_merges_and_vllm_args_append() -> None:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        ({"gateway": {"hold_secs": 1}}, "gateway.hold_secs: unknown key"),
+        ({"gateway": {"hold_secs": 1}}, "gateway.hold_secs: unknown key; did you mean 'hold_"),
+        ({"model": {"a": {}}}, "model: unknown key; did you mean 'models'?"),
+        ({"models": {"a": {"alias": ["b"]}}}, "models.a.alias: unknown key; did you mean 'alia"),
         ({"gateway": {"hold_seconds": 0}}, "gateway.hold_seconds"),
         ({"gateway": {"allow_unlisted": "maybe"}}, "gateway.allow_unlisted"),
         ({"models": {"m": {"gpu": "H100:x"}}}, "models.m.gpu"),
         ({"models": {"m": {"command": ["x"], "url": "http://a"}}}, "exclude each other"),
         ({"models": {"m": {"url": "ftp://a"}}}, "must be an http(s) URL"),
         ({"models": {"m": {"command": []}}}, "must not be empty"),
-        ({"models": {"a": {"aliases": ["x"]}, "b": {"aliases": ["x"]}}},
-         """models."b".aliases: 'x' is already used by models."a".aliases"""),
-        ({"models": {"a": {}, "b": {"aliases": ["a"]}}},
-         "models.\"b\".aliases: 'a' is already used by models.\"a\""),
+        (
+            {"models": {"a": {"aliases": ["x"]}, "b": {"aliases": ["x"]}}},
+            """models."b".aliases: 'x' is already used by models."a".aliases""",
+        ),
+        (
+            {"models": {"a": {}, "b": {"aliases": ["a"]}}},
+            'models."b".aliases: \'a\' is already used by models."a"',
+        ),
         ({"models": {"a": {"aliases": ["a"]}}}, "the model's own name"),
         ({"gateway": {"drain_seconds": float("inf")}}, "gateway.drain_seconds"),
         ({"models": {"-bad": {}}}, "not a usable model name"),
         ({"models": {"m": {"tensor_parallel_size": 0}}}, "models.m.tensor_parallel_size"),
-        ({"models": {"m": {"url": "http://a", "api_key": "k\r\nX-Evil: 1"}}},
-         "'api_key' must be printable ASCII"),
-        ({"gateway": {"cors_origins": ["https://chat.example.com/"]}},
-         "gateway.cors_origins: 'https://chat.example.com/' is not an origin"),
+        (
+            {"models": {"m": {"url": "http://a", "api_key": "k\r\nX-Evil: 1"}}},
+            "'api_key' must be printable ASCII",
+        ),
+        (
+            {"gateway": {"cors_origins": ["https://chat.example.com/"]}},
+            "gateway.cors_origins: 'https://chat.example.com/' is not an origin",
+        ),
         ({"gateway": {"cors_origins": ["chat.example.com"]}}, "is not an origin"),
-        ({"models": {"a": {"aliases": ["x"]}, "b": {"lora_modules": {"x": "/l"}}}},
-         """models."b".lora_modules: 'x' is already used by models."a".aliases"""),
+        (
+            {"models": {"a": {"aliases": ["x"]}, "b": {"lora_modules": {"x": "/l"}}}},
+            """models."b".lora_modules: 'x' is already used by models."a".aliases""",
+        ),
         ({"models": {"a": {"aliases": [""]}}}, """models."a".aliases: '' is not a usable"""),
-        ({"models": {"a": {"command": ["serve", "--port", "{prot}"]}}},
-         "models.a: 'command' must contain {port}"),
+        (
+            {"models": {"a": {"command": ["serve", "--port", "{prot}"]}}},
+            "models.a: 'command' must contain {port}",
+        ),
         ({"models": {"a": {"command": ["serve"]}}}, "'command' must contain {port}"),
-        ({"models": {"a": {"command": ["s", "{port}"], "vllm_args": ["-x"]}}},
-         "'vllm_args' do not apply to a 'command'"),
+        (
+            {"models": {"a": {"command": ["s", "{port}"], "vllm_args": ["-x"]}}},
+            "'vllm_args' do not apply to a 'command'",
+        ),
         ({"gateway": {"hold_seconds": "120"}}, "gateway.hold_seconds: Input should be a valid"),
         ({"gateway": {"allow_unlisted": 1}}, "gateway.allow_unlisted: Input should be a valid"),
         ({"models": {"m": {"env": {"X": 1}}}}, "models.m.env.X: Input should be a valid string"),
         ({"models": {"a": {"lora_modules": {"x": " "}}}}, "is not a repo id or path"),
         ({"defaults": {"lora_modules": {"x": "/l"}}}, "defaults.lora_modules: unknown key"),
-        ({"defaults": {"gpu": "H100"}, "models": {"o/m": {"tensor_parallel_size": 2}}},
-         """models."o/m": tensor_parallel_size = 2 needs 2 GPUs, but gpu = 'H100' (from """
-         "[defaults]) gives 1; set gpu = \"H100:2\""),
-        ({"defaults": {"gpu": 2, "tensor_parallel_size": 4}},
-         "defaults: tensor_parallel_size = 4 needs 4 GPUs, but gpu = 2 gives 2; set gpu = 4"),
+        (
+            {"defaults": {"gpu": "H100"}, "models": {"o/m": {"tensor_parallel_size": 2}}},
+            """models."o/m": tensor_parallel_size = 2 needs 2 GPUs, but gpu = 'H100' (from """
+            '[defaults]) gives 1; set gpu = "H100:2"',
+        ),
+        (
+            {"defaults": {"gpu": 2, "tensor_parallel_size": 4}},
+            "defaults: tensor_parallel_size = 4 needs 4 GPUs, but gpu = 2 gives 2; set gpu = 4",
+        ),
         ({"models": {"m": {"gpu": "H100:16"}}}, "models.m.gpu: 'H100:16' is not a GPU spec"),
         ({"models": {"m": {"gpu": "H100!!"}}}, "models.m.gpu: 'H100!!' is not a GPU spec"),
     ],
@@ -135,9 +157,26 @@ def test_valid_repo_ids(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../etc/passwd", "a/../b", "/abs/path", "-x", "--trust-remote-code", "a/-b", "a b",
-     " a", "a\nb", "a\rb", "a\x00b", "a/b/c", "a" * 257, "a/b.git", "a--b", "", ".hidden",
-     "owner/name\n"],
+    [
+        "../etc/passwd",
+        "a/../b",
+        "/abs/path",
+        "-x",
+        "--trust-remote-code",
+        "a/-b",
+        "a b",
+        " a",
+        "a\nb",
+        "a\rb",
+        "a\x00b",
+        "a/b/c",
+        "a" * 257,
+        "a/b.git",
+        "a--b",
+        "",
+        ".hidden",
+        "owner/name\n",
+    ],
 )
 def test_invalid_repo_ids(name: str) -> None:
     with pytest.raises(InvalidModelName):
@@ -181,9 +220,34 @@ def test_an_unlisted_name_without_an_owner_is_not_started() -> None:
 
 
 def test_unlisted_models_refused_when_not_allowed() -> None:
-    config = parse_config({"gateway": {"allow_unlisted": False}, "models": {"m": {"aliases": ["x"]}}})
+    config = parse_config(
+        {"gateway": {"allow_unlisted": False}, "models": {"m": {"aliases": ["x"]}}}
+    )
     assert config.resolve("x") == "m"
     with pytest.raises(ModelNotFound):
         config.resolve("org/other")
     with pytest.raises(InvalidModelName):  # invalid stays a 400, even when unlisted
         config.resolve("../x")
+
+
+def test_check_config_warns_of_programs_this_host_lacks(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "autoserve.toml"
+    config.write_text(
+        '[models."a"]\ncommand = ["/nonexistent/bin", "--port", "{port}"]\n'
+        '[models."b"]\nengine_python = "/nope/python"\n'
+        '[models."c"]\ncommand = ["python3", "-m", "http.server", "{port}"]\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "vllm_autoserve.cli", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    # Valid (it may be meant for another host), but each would fail at its first request.
+    assert run.returncode == 0 and run.stdout == "ok: 3 model(s) configured\n"
+    assert run.stderr.splitlines() == [
+        "warning: models.\"a\".command: '/nonexistent/bin' is not a program on this host",
+        "warning: models.\"b\".engine_python: '/nope/python' is not a program on this host",
+    ]

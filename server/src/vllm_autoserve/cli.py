@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import logging
 import math
+import shutil
 import socket
 import sys
 from collections.abc import Sequence
@@ -88,6 +89,8 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
     server = GatewayServer(uv_config, on_stopping=app.stopping, on_forced_exit=app.shutdown)
     tune_gc_for_serving()
     log.info("gateway on http://%s:%d (auth %s)", host, port, "off" if keys.open else "on")
+    for problem in missing_programs(config):
+        log.warning("%s: its engine will fail to start", problem)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it stopped for again: done, quietly
@@ -122,12 +125,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, host=args.host, port=args.port, keys=api_keys, log_level=args.log_level)
 
 
+def missing_programs(config: Config) -> list[str]:
+    """Local engines' programs that this host lacks: a valid configuration still, since it
+    may be meant for another host, but each would fail at its first request."""
+    problems = []
+    for name in ["", *config.models]:
+        settings = config.model(name) if name else config.defaults
+        where = f'models."{name}"' if name else "defaults"
+        command = getattr(settings, "command", None)
+        if command and shutil.which(command[0]) is None:
+            problems.append(f"{where}.command: {command[0]!r} is not a program on this host")
+        python = settings.engine_python
+        if python and command is None and shutil.which(python) is None:
+            problems.append(f"{where}.engine_python: {python!r} is not a program on this host")
+    return sorted(set(problems))
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"vllm-autoserve: {exc}", file=sys.stderr)
         return 2
+    for problem in missing_programs(config):
+        print(f"warning: {problem}", file=sys.stderr)
     print(f"ok: {len(config.models)} model(s) configured")
     return 0
 

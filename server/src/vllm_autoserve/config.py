@@ -6,6 +6,7 @@ repo id on demand. See docs/configuration.md for the reference.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -379,6 +380,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_config(data, source=str(file))
 
 
+def _did_you_mean(location: tuple[int | str, ...]) -> str:
+    """A close known key for a mistyped one (``[model."x"]``, ``hold_secs``), if any."""
+    tables: dict[tuple[str, ...], type[BaseModel]] = {
+        (): Config,
+        ("gateway",): GatewaySettings,
+        ("defaults",): ModelSettings,
+    }
+    parent = tuple(str(part) for part in location[:-1])
+    model = tables.get(parent) or (ModelConfig if parent[:1] == ("models",) else None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), model.model_fields, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
@@ -388,7 +404,7 @@ def parse_config(data: dict[str, Any], source: str = "config") -> Config:
             key = ".".join(_quote_key(part) for part in err["loc"])
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                message = "unknown key"
+                message = "unknown key" + _did_you_mean(err["loc"])
             # Checks across models name their key in the message.
             problems.append(f"  {key}: {message}" if key else f"  {message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(problems)) from None

@@ -14,10 +14,12 @@ comparisons more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from http import HTTPStatus
 from types import FrameType
 
@@ -57,6 +59,21 @@ class GatewayServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # A closed terminal (SIGHUP) stops the gateway as SIGTERM does: drained, engines
+        # stopped. Not under nohup, which ignores it.
+        hangup = threading.current_thread() is threading.main_thread() and (
+            signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+        )
+        previous = signal.signal(signal.SIGHUP, self.handle_exit) if hangup else None
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            if hangup:
+                signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         now = time.monotonic()

@@ -176,6 +176,9 @@ class LocalPool(Pool):
             await engine.stop()
         self._slots.release(self.name)
 
+    def _engines(self) -> int:
+        return 0 if self._awaiting_slot else super()._engines()  # none launched yet
+
     def _progress(self) -> str:
         if self._awaiting_slot:
             return (
