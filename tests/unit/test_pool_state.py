@@ -76,6 +76,25 @@ async def test_failure_then_cooldown_then_restart() -> None:
     assert pool.launches == 2 and pool.status().error is None
 
 
+@pytest.mark.parametrize(("healthy_for", "restarted_at_once"), [(0.0, False), (0.2, True)])
+async def test_an_engine_that_died_after_running_a_while_is_started_again_at_once(
+    monkeypatch: pytest.MonkeyPatch, healthy_for: float, restarted_at_once: bool
+) -> None:
+    monkeypatch.setattr("vllm_autoserve.pools.base.BACKOFF_RESET_SECONDS", 0.1)
+    pool = make(failure_cooldown_seconds=60)
+    pool.release.set()
+    await pool.ensure_ready(1)
+    await asyncio.sleep(healthy_for)
+    pool._engine_died("[m] engine exited with code -9")
+    if restarted_at_once:  # not a crash loop: the next request starts it, and waits for it
+        await pool.ensure_ready(1)
+        assert pool.launches == 2 and pool.state is PoolState.HEALTHY
+    else:  # died soon after it was up: the cooldown applies
+        with pytest.raises(ModelFailed, match="code -9"):
+            await pool.ensure_ready(1)
+        assert pool.launches == 1
+
+
 async def test_startup_deadline() -> None:
     pool = make(startup_seconds=0.05)
     status = await pool.up(1)
