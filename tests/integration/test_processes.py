@@ -146,6 +146,38 @@ def test_a_guard_whose_gateway_died_while_it_started_runs_nothing(tmp_path: Path
     assert marker.exists()  # with the right parent, it runs
 
 
+_ENGINE_NOTING_ITS_HELPER = """
+import os, signal, subprocess, sys, time
+helper = subprocess.Popen(["sleep", "60"])
+def stop(*_):
+    time.sleep(0.2)  # what a helper told at the same moment would need to die
+    done, _ = os.waitpid(helper.pid, os.WNOHANG)
+    open(sys.argv[1], "w").write("helper alive" if done == 0 else "helper gone")
+    helper.terminate()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stopped_engine_hears_of_it_before_its_helpers(tmp_path: Path) -> None:
+    """vLLM's API server ends its streams when told to stop, but not if its EngineCore was
+    stopped under it at the same moment: its streams then hung until the SIGKILL."""
+    seen = tmp_path / "seen"
+    guard = [sys.executable, "-m", "vllm_autoserve.engine_guard", "--parent", str(os.getpid())]
+    engine = [sys.executable, "-c", _ENGINE_NOTING_ITS_HELPER, str(seen)]
+    process = subprocess.Popen(
+        [*guard, "--", *engine], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert process.stdout is not None and process.stdout.readline() == "up\n"
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)  # as the gateway stops an engine
+    process.wait(timeout=20)
+    assert seen.read_text() == "helper alive"
+    assert time.monotonic() - started < 2  # the engine's own stop, not the guard's grace
+
+
 def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
     pid_file = tmp_path / "pids"
     cfg = "[gateway]\nstop_grace_seconds = 1\n" + fake_model(

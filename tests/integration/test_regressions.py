@@ -132,6 +132,26 @@ def test_down_while_an_up_waits_or_a_request_runs_leaves_the_model_down() -> Non
         assert answers["chat"].headers["x-should-retry"] == "false"
 
 
+def test_down_ends_a_stream_under_way_with_model_stopped() -> None:
+    """A stream that /down cut ended as the engine's stop made it end: with vLLM, an abort
+    that reads as a finished answer, vLLM's own error, or the gateway's
+    upstream_disconnected after the engine's stop grace."""
+    cfg = fake_model("m", "--chunks", "400", "--chunk-delay", "0.05")
+    with running_gateway(cfg) as gw, gw.client() as c:
+        sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0)
+        stream = sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = iter(stream)
+        next(chunks)  # under way
+        assert c.post("/down", json={"model_path": "m"}).json()["state"] == "cold"
+        with pytest.raises(openai.APIError) as info:
+            for _ in chunks:
+                pass
+        assert info.value.code == "model_stopped"
+        assert info.value.message == "[m] was stopped with /down while this request ran"
+
+
 def test_concurrent_requests_for_a_broken_model_start_it_once_even_without_cooldown() -> None:
     """With failure_cooldown_seconds = 0 every held request restarted the broken engine."""
     cfg = ("[gateway]\nfailure_cooldown_seconds = 0\n"

@@ -224,10 +224,22 @@ def test_unlisted_models_refused_when_not_allowed() -> None:
         {"gateway": {"allow_unlisted": False}, "models": {"m": {"aliases": ["x"]}}}
     )
     assert config.resolve("x") == "m"
-    with pytest.raises(ModelNotFound):
+    with pytest.raises(ModelNotFound, match=r"in its configuration \(configured: m\)$"):
         config.resolve("org/other")
     with pytest.raises(InvalidModelName):  # invalid stays a 400, even when unlisted
         config.resolve("../x")
+
+
+def test_a_mistyped_name_is_told_the_configured_ones_by_the_names_clients_use() -> None:
+    many = {f"org/m{i}": {} for i in range(11)}
+    config = parse_config({"models": {"/srv/tiny": {"aliases": ["tiny"]}, **many}})
+    with pytest.raises(ModelNotFound) as info:
+        config.resolve("tyni")
+    assert info.value.message.endswith(
+        "(configured: tiny, org/m0, org/m1, org/m2, org/m3, org/m4, org/m5, org/m6, org/m7, "
+        "org/m8 and 2 more: see GET /v1/models)"
+    )
+    assert "/srv" not in info.value.message
 
 
 def test_check_config_warns_of_programs_this_host_lacks(tmp_path: Path) -> None:

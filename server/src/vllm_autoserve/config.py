@@ -279,7 +279,8 @@ class Config(_Strict):
         if not self.gateway.allow_unlisted:
             raise ModelNotFound(
                 f"[{requested}] is not a configured model; "
-                "this gateway serves only the models listed in its configuration",
+                "this gateway serves only the models listed in its configuration"
+                + self._configured_list(),
                 param="model",
             )
         if "/" not in requested:
@@ -287,10 +288,20 @@ class Config(_Strict):
             # on the Hub has an owner ("gpt2" is "openai-community/gpt2").
             raise ModelNotFound(
                 f"[{requested}] is not a configured model; a model that is not configured "
-                "is started by its full Hugging Face repo id ('owner/name')",
+                "is started by its full Hugging Face repo id ('owner/name')"
+                + self._configured_list(),
                 param="model",
             )
         return requested
+
+    def _configured_list(self, most: int = 10) -> str:
+        """The configured models by the names clients know them by, for a mistyped name (as
+        vLLM lists its served names)."""
+        names = [self.shown_name(name) for name in self.models]
+        if not names:
+            return ""
+        more = f" and {len(names) - most} more: see GET /v1/models" if len(names) > most else ""
+        return f" (configured: {', '.join(names[:most])}{more})"
 
     def model(self, name: str) -> ModelConfig:
         """Effective settings of a canonical name: the model's own over ``[defaults]``.

@@ -292,12 +292,17 @@ class EngineProcess:
                 await asyncio.wait_for(asyncio.shield(self._reader), 2.0)
 
     async def stop(self) -> None:
-        """SIGTERM to the group, ``stop_grace`` to exit, then SIGKILL; idempotent."""
+        """SIGTERM to the guard (which tells the engine first, then the rest), ``stop_grace``
+        to exit, then SIGKILL to the group; idempotent."""
         proc = self._proc
         if proc is None:
             return
         if proc.returncode is None:
-            self._signal_group(signal.SIGTERM)
+            if self.guarded:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            else:
+                self._signal_group(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.stop_grace + 1.0)
             except TimeoutError:

@@ -6,9 +6,10 @@ vLLM's API server starts ``EngineCore``/``Worker`` children; if the API server d
 live on and keep their GPU memory. The guard is started in a process group of its own, as
 a child subreaper (orphaned descendants are re-parented to it), with ``PDEATHSIG`` so that
 it hears of the gateway's death even after a SIGKILL. When the engine exits, or the guard is
-told to stop, every remaining descendant is killed. The guard exits with the engine's code,
-and says so on its output (``exit_line``) as soon as the engine exits, before it has cleaned
-up after it: that is when the gateway must stop sending the engine requests. The line
+told to stop (the engine is told first), every remaining descendant is killed. The guard
+exits with the engine's code, and says so on its output (``exit_line``) as soon as the
+engine exits, before it has cleaned up after it: that is when the gateway must stop
+sending the engine requests. The line
 carries a token the gateway gives the guard alone (``TOKEN_ENV``), so that nothing the
 engine prints can pass for it.
 """
@@ -30,6 +31,9 @@ def exit_line(token: str) -> str:
     """What the guard prints when the engine has exited, before the engine's exit code."""
     return f"engine_guard {token}: the engine exited with code "
 
+
+# On a stop, the engine alone gets SIGTERM for this long before the rest of its processes.
+_ENGINE_FIRST_SECONDS = 2.0
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -105,24 +109,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     stop_requested: list[float] = []
+    engine: subprocess.Popen[bytes] | None = None
 
     def request_stop(signum: int, _frame: object) -> None:
         if not stop_requested:
             stop_requested.append(time.monotonic())
-            _kill_all(signal.SIGTERM)
+            # The engine alone first: vLLM's API server ends its streams and stops its own
+            # helpers in about half a second, where helpers stopped under it would leave
+            # its streams hanging until the SIGKILL.
+            if engine is not None:
+                engine.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     token = os.environ.pop(TOKEN_ENV, "")  # the engine does not inherit it
+    if stop_requested:  # told to stop while starting up
+        return 1
     try:
         engine = subprocess.Popen(args)
     except OSError as exc:
         print(f"cannot start engine command {args[0]!r}: {exc}", file=sys.stderr, flush=True)
         return 127
 
+    helpers_told = False
     while engine.poll() is None:
-        if stop_requested and time.monotonic() - stop_requested[0] > grace:
-            _kill_all(signal.SIGKILL)
+        if stop_requested:
+            waited = time.monotonic() - stop_requested[0]
+            if waited > grace:
+                _kill_all(signal.SIGKILL)
+            elif waited > min(_ENGINE_FIRST_SECONDS, grace / 2) and not helpers_told:
+                # An engine that does not pass the signal on (a shell script's child): the
+                # rest of its processes are told too.
+                _kill_all(signal.SIGTERM)
+                helpers_told = True
         time.sleep(0.05)
     code = engine.returncode if engine.returncode >= 0 else 128 - engine.returncode
     try:

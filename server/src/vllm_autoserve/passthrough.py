@@ -243,6 +243,7 @@ class PassThrough:
                 label=pool.name,
                 shown_as=pool.shown_name,
                 result=outcome,
+                stopped=pool.stopped,
             )
         except UpstreamUnavailable:
             if pool.downs != downs:  # the engine went because /down stopped it: say so

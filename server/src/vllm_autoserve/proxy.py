@@ -28,7 +28,7 @@ from urllib.parse import (
 
 from . import metrics
 from .asgi import Send
-from .errors import BadRequest, UpstreamDisconnected, UpstreamUnavailable
+from .errors import BadRequest, ModelStopped, UpstreamDisconnected, UpstreamUnavailable
 from .pools.base import Upstream
 from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
@@ -147,13 +147,15 @@ class Proxy:
         label: str,
         result: Forwarded,
         shown_as: str | None = None,
+        stopped: asyncio.Future[None] | None = None,
     ) -> None:
         """Send the request upstream and stream the answer back, noting in ``result`` what
         was sent; raises ``UpstreamUnavailable`` if nothing could be sent to the client yet.
         ``label`` names the model in the log and metrics, ``shown_as`` (default: the same)
         in what the client is told.
         ``gone`` completes when the client disconnects: the upstream request is then closed
-        at once, answered or not."""
+        at once, answered or not. ``stopped`` completes when ``/down`` stops the model: an
+        answer under way is then ended with ``model_stopped``."""
         target = _target(upstream.url)
         url = target.path_prefix + path
         if query or upstream.params:
@@ -198,10 +200,16 @@ class Proxy:
             response.abort()
 
         gone.add_done_callback(close_upstream)
+        if stopped is not None:
+            stopped.add_done_callback(close_upstream)
         try:
-            await self._relay(response, send, gone, result, label, target, shown_as or label)
+            await self._relay(
+                response, send, gone, result, label, target, shown_as or label, stopped
+            )
         finally:
             gone.remove_done_callback(close_upstream)
+            if stopped is not None:
+                stopped.remove_done_callback(close_upstream)
             response.release()
             if result.stream:
                 metrics.child(metrics.OPEN_STREAMS, label).dec()
@@ -236,6 +244,7 @@ class Proxy:
         label: str,
         target: _Target,
         shown_as: str,
+        stopped: asyncio.Future[None] | None,
     ) -> None:
         result.status = response.status
         raw = _end_to_end(response.headers, _RESPONSE_DROP)
@@ -270,6 +279,22 @@ class Proxy:
         except UpstreamError as exc:
             if gone.done():
                 result.client_gone = True
+                return
+            if stopped is not None and stopped.done():
+                # Cut by the gateway before the engine is stopped, so that the answer ends
+                # the same way whatever the engine would have made of its stop.
+                if result.stream:
+                    stop = ModelStopped(
+                        f"[{shown_as}] was stopped with /down while this request ran"
+                    )
+                    with contextlib.suppress(OSError):
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": stop.sse_event(anthropic=result.anthropic),
+                                "more_body": True,
+                            }
+                        )
                 return
             result.upstream_broke = True
             log.warning(

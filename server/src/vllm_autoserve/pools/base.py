@@ -73,6 +73,9 @@ class Pool(ABC):
     backs_off = True
     """Whether failed starts lengthen the cooldown: not for an upstream the gateway only
     checks (``url``), which costs nothing to check again and may be back any moment."""
+    down_ends_answers = False
+    """Whether ``/down`` ends the answers under way (``stopped``): where it stops the engine
+    under them. Modal's containers finish theirs; a ``url`` upstream is never stopped."""
 
     def __init__(self, name: str, settings: ModelConfig, config: Config) -> None:
         self.name = name
@@ -99,6 +102,7 @@ class Pool(ABC):
         self._downs = 0  # explicit /down calls: requests held across one give up
         self._stop_task: asyncio.Task[None] | None = None
         self._stop_reason: StopReason | None = None  # why the stop under way, if any
+        self._cut: asyncio.Future[None] | None = None  # see ``stopped``
         self._restart_after_stop = False
         self._closing = False  # the gateway is shutting down: no engine is started any more
         self.on_idle: Callable[[], None] | None = None
@@ -333,6 +337,15 @@ class Pool(ABC):
         return self._stop_reason is not None and not self._stop_reason.automatic
 
     @property
+    def stopped(self) -> asyncio.Future[None]:
+        """Completes when ``/down`` stops this pool's engine (``down_ends_answers``): the
+        answers under way are ended with ``model_stopped`` before the engine is told to stop
+        (which might end them in a way that reads as complete, an abort)."""
+        if self._cut is None:
+            self._cut = asyncio.get_running_loop().create_future()
+        return self._cut
+
+    @property
     def downs(self) -> int:
         """How many times ``/down`` was called: a request it cut short sees the count move."""
         return self._downs
@@ -395,6 +408,9 @@ class Pool(ABC):
             self._failed_starts = 0  # the operator's turn: the next failure waits the least
             self._downs += 1
             self._restart_after_stop = False
+            cut, self._cut = self._cut, None
+            if cut is not None and self.down_ends_answers:
+                cut.set_result(None)
             if self._stop_task is not None:  # an idle stop under way is now the /down's
                 self._stop_reason = reason
         if self._stop_task is None and self._state in (

@@ -48,6 +48,7 @@ def _engine_python(settings: ModelConfig) -> tuple[str, bool]:
 
 class LocalPool(Pool):
     backend = "local"
+    down_ends_answers = True
 
     def __init__(
         self,
