@@ -13,7 +13,7 @@ import pytest
 from tests.support.fake_engine import FAKE_ENGINE
 from tests.support.gateway import free_port
 from vllm_autoserve import engine
-from vllm_autoserve.engine import EngineProcess, with_cause
+from vllm_autoserve.engine import EngineProcess, exit_account, with_cause
 
 VLLM_LOAD_FAILURE = """\
 (APIServer pid=7) INFO 11-28 10:00:00 [api_server.py:1] vLLM API server version 0.32.0
@@ -90,3 +90,17 @@ def test_a_long_start_says_in_the_log_what_the_engine_last_said(
     assert all(line.startswith("[slow] still starting after ") for line in progress)
     said = f"the engine's last line: fake engine starting on port {port}"
     assert any(line.endswith(said) for line in progress), progress
+
+
+@pytest.mark.parametrize(
+    ("code", "account"),
+    [
+        (1, "code 1"),
+        (137, "code 137 (killed by SIGKILL: out of memory?)"),  # the guard's 128 + N
+        (-9, "code -9 (killed by SIGKILL: out of memory?)"),  # the guard itself killed
+        (143, "code 143 (killed by SIGTERM)"),
+        (255, "code 255"),
+    ],
+)
+def test_an_exit_code_says_which_signal_killed_the_engine(code: int, account: str) -> None:
+    assert exit_account(code) == account

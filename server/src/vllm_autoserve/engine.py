@@ -64,6 +64,22 @@ class EngineFailed(Exception):
     """An engine could not start or died; ``str(exc)`` is a readable reason and log tail."""
 
 
+def exit_account(code: int) -> str:
+    """An exit code as an operator reads it: ``code 137 (killed by SIGKILL, ...)``. The
+    guard reports an engine killed by signal N as 128 + N, as shells do; a guard killed
+    itself shows as -N."""
+    number = -code if code < 0 else code - 128 if code > 128 else 0
+    try:
+        name = signal.Signals(number).name if number else ""
+    except ValueError:
+        name = ""
+    if not name:
+        return f"code {code}"
+    if number == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+        return f"code {code} (killed by SIGKILL: out of memory?)"
+    return f"code {code} (killed by {name})"
+
+
 def vllm_command(
     *,
     python: str,
@@ -232,7 +248,9 @@ class EngineProcess:
                     last[:300],
                 )
             if self._exited.done():
-                raise self.failure(f"engine exited prematurely with code {self._exited.result()}")
+                raise self.failure(
+                    f"engine exited prematurely with {exit_account(self._exited.result())}"
+                )
             if await self.health(session) is True:
                 if not self.own_listener or await asyncio.to_thread(self._owns_port) is not False:
                     return

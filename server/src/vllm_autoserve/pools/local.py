@@ -14,7 +14,14 @@ from pathlib import Path
 import aiohttp
 
 from ..config import Config, ModelConfig
-from ..engine import EngineFailed, EngineProcess, engine_environment, fill_placeholders, free_port
+from ..engine import (
+    EngineFailed,
+    EngineProcess,
+    engine_environment,
+    exit_account,
+    fill_placeholders,
+    free_port,
+)
 from ..engine import vllm_command as build_vllm_command
 from .base import Pool, PoolState, StopReason, Upstream
 from .registry import Pools
@@ -135,7 +142,7 @@ class LocalPool(Pool):
         if self._engine is engine:
             # Failed at once, so that requests get a 503 with Retry-After, not a 502; its
             # leftover children may take a few seconds to go, and a restart waits for them.
-            self._engine_died(str(engine.failure(f"engine exited with code {code}")))
+            self._engine_died(str(engine.failure(f"engine exited with {exit_account(code)}")))
             await engine.stop()
             self._slots.release(self.name)
 
