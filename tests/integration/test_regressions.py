@@ -150,6 +150,33 @@ def test_down_ends_a_stream_under_way_with_model_stopped() -> None:
                 pass
         assert info.value.code == "model_stopped"
         assert info.value.message == "[m] was stopped with /down while this request ran"
+        wait_for(lambda: "upstream_broke=1" in gw.log())  # logged as ended without its end
+
+
+def test_down_ends_a_request_waiting_for_its_answer_without_waiting_for_the_engine() -> None:
+    """vLLM sends a non-streamed answer's head only with the whole answer, and, told to
+    stop, waits for the requests it runs: the request and /down waited out the grace."""
+    cfg = "[gateway]\nstop_grace_seconds = 6\n" + fake_model(
+        "busy", "--response-delay", "30", "--ignore-sigterm"
+    )
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "busy", "wait": 20}).json()["status"] == "healthy"
+        answered: list[float] = []
+        result: dict[str, httpx.Response] = {}
+
+        def ask() -> None:
+            result["chat"] = c.post("/v1/chat/completions", json={"model": "busy", **CHAT})
+            answered.append(time.monotonic())
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        wait_for(lambda: gw.status()["busy"]["in_flight"] == 1)
+        with gw.client() as other:
+            other.post("/down", json={"model_path": "busy"})  # the engine ignores SIGTERM: 6 s
+        down_done = time.monotonic()
+        asking.join()
+        assert result["chat"].json()["error"]["code"] == "model_stopped"
+        assert answered[0] < down_done - 3  # answered at the /down, not at the SIGKILL
 
 
 def test_concurrent_requests_for_a_broken_model_start_it_once_even_without_cooldown() -> None:

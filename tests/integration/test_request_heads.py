@@ -116,6 +116,23 @@ def test_a_body_answered_early_cannot_hold_the_connection() -> None:
         assert closed and time.monotonic() - started < 5
 
 
+def test_a_pipelined_body_slower_than_the_head_limit_is_not_cut() -> None:
+    # The early-answer limit is for a body whose request was answered, not the next one's.
+    with running_gateway(CONFIG) as gw:
+        body = json.dumps({"model": "slow", "messages": [], "max_tokens": 2}).encode()
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for piece in (body[:5], body[5:10], body[10:]):  # over 2 s: twice the head limit
+            time.sleep(0.7)
+            sock.sendall(piece)
+        assert [status for status, _ in _answers(_read_all(sock))] == [200, 200]
+
+
 def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -> None:
     with running_gateway(CONFIG) as gw:
         for broken in (
@@ -130,6 +147,20 @@ def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -
             head, body = answer.split(b"\r\n\r\n", 1)
             assert b"content-type: application/json" in head.lower()
             assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        # A CONNECT is refused by the route, as any other method it does not take.
+        sock = _connect(gw.url)
+        sock.sendall(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 401 ")
+        # A pipelined request's malformed body: the connection closes, at most after the
+        # answer to the request before it; an answer to the faulty one would be read as
+        # the first one's.
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n\r\nzz\r\n"
+        )
+        assert [status for status, _ in _answers(_read_all(sock))] in ([], [200])
         # A body that cannot be parsed is answered too, not met with a closed connection.
         sock = _connect(gw.url)
         sock.sendall(
@@ -185,9 +216,10 @@ def test_a_request_asking_to_upgrade_to_http2_is_served_as_http11() -> None:
         auth = b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n"
         body = json.dumps({"model": "slow", "messages": [], "max_tokens": 2}).encode()
         chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
-        for framing, payload in (
-            (b"Content-Length: %d\r\n" % len(body), body),
-            (b"Transfer-Encoding: chunked\r\n", chunked),
+        for framing, payload, pause in (
+            (b"Content-Length: %d\r\n" % len(body), body, 0.2),  # the body in a later read
+            (b"Content-Length: %d\r\n" % len(body), body, 0),  # in the head's read
+            (b"Transfer-Encoding: chunked\r\n", chunked, 0.2),
         ):
             sock = _connect(gw.url)
             sock.sendall(
@@ -198,12 +230,17 @@ def test_a_request_asking_to_upgrade_to_http2_is_served_as_http11() -> None:
                 + framing
                 + b"\r\n"
             )
-            time.sleep(0.2)  # the body in a later read than the head
+            time.sleep(pause)
             sock.sendall(payload + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             (chat_status, chat), (health_status, _) = _answers(_read_all(sock))
             assert chat_status == 200, chat
             assert len(json.loads(chat)["choices"][0]["message"]["content"].split()) == 2
             assert health_status == 200
+
+        # HTTP/1.0 (its connection closes after the answer) with more bytes after it.
+        sock = _connect(gw.url)
+        sock.sendall(b"GET /health HTTP/1.0\r\n" + upgrade + b"\r\nGET /health HTTP/1.0\r\n\r\n")
+        assert [status for status, _ in _answers(_read_all(sock))] == [200]
 
         # A body that reads like a request stays the body: one answer, no second request.
         smuggled = b"GET /status HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"

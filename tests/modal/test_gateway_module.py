@@ -22,6 +22,7 @@ from modal._partial_function import _find_partial_methods_for_user_cls, _Partial
 from modal._utils.async_utils import synchronizer
 
 from vllm_autoserve.config import parse_config
+from vllm_autoserve.errors import ConfigError
 from vllm_autoserve.modal_engine import ContainerEngine
 from vllm_autoserve.modal_layout import class_for, engine_shape
 
@@ -172,6 +173,12 @@ def test_memory_snapshot_class(load: Callable[[str | None], ModuleType]) -> None
     assert opts["enable_memory_snapshot"] is True
     assert opts["experimental_options"] == {"enable_gpu_snapshot": "True"}
     assert lifecycle(cls) == {"start": "enter(snap=True)", "wake": "enter", "stop": "exit"}
+
+
+def test_a_gpu_count_modal_cannot_give_is_refused() -> None:
+    config = parse_config({"models": {"big/m": {"gpu": 16}}})  # fine on a large local host
+    with pytest.raises(ConfigError, match="gpu = 16: Modal gives one container at most 8"):
+        engine_shape(config, "big/m")
 
 
 def test_memory_snapshots_are_off_for_multi_gpu_models() -> None:

@@ -124,6 +124,12 @@ def test_env_merges_and_vllm_args_append() -> None:
             "defaults: tensor_parallel_size = 4 needs 4 GPUs, but gpu = 2 gives 2; set gpu = 4",
         ),
         ({"models": {"m": {"gpu": "H100:16"}}}, "models.m.gpu: 'H100:16' is not a GPU spec"),
+        ({"defaults": {"gpu": "H100", "tensor_parallel_size": 16}},
+         "gives 1; a Modal GPU spec names at most 8"),
+        ({"models": {"m": {"hold_seconds": 5}}},
+         "models.m.hold_seconds: unknown key; 'hold_seconds' is a [gateway] key"),
+        ({"gateway": {"gpu": 1}}, """'gpu' is a key of [defaults] or [models."NAME"]"""),
+        ({"defaults": {"aliases": ["a"]}}, """'aliases' is a key of [models."NAME"]"""),
         ({"models": {"m": {"gpu": "H100!!"}}}, "models.m.gpu: 'H100!!' is not a GPU spec"),
     ],
 )
@@ -248,9 +254,11 @@ def test_check_config_warns_of_programs_this_host_lacks(tmp_path: Path) -> None:
 
     config = tmp_path / "autoserve.toml"
     config.write_text(
+        '[defaults]\nengine_python = "/nope/default-python"\n'
         '[models."a"]\ncommand = ["/nonexistent/bin", "--port", "{port}"]\n'
         '[models."b"]\nengine_python = "/nope/python"\n'
         '[models."c"]\ncommand = ["python3", "-m", "http.server", "{port}"]\n'
+        '[models."d"]\nurl = "http://127.0.0.1:9"\nengine_python = "/nope/unused"\n'
     )
     run = subprocess.run(
         [sys.executable, "-m", "vllm_autoserve.cli", "check-config", str(config)],
@@ -258,8 +266,9 @@ def test_check_config_warns_of_programs_this_host_lacks(tmp_path: Path) -> None:
         text=True,
     )
     # Valid (it may be meant for another host), but each would fail at its first request.
-    assert run.returncode == 0 and run.stdout == "ok: 3 model(s) configured\n"
-    assert run.stderr.splitlines() == [
+    assert run.returncode == 0 and run.stdout == "ok: 4 model(s) configured\n"
+    assert run.stderr.splitlines() == [  # each where it is written, once; none for a url
+        "warning: defaults.engine_python: '/nope/default-python' is not a program on this host",
         "warning: models.\"a\".command: '/nonexistent/bin' is not a program on this host",
         "warning: models.\"b\".engine_python: '/nope/python' is not a program on this host",
     ]

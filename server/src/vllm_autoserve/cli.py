@@ -129,16 +129,17 @@ def missing_programs(config: Config) -> list[str]:
     """Local engines' programs that this host lacks: a valid configuration still, since it
     may be meant for another host, but each would fail at its first request."""
     problems = []
-    for name in ["", *config.models]:
-        settings = config.model(name) if name else config.defaults
-        where = f'models."{name}"' if name else "defaults"
-        command = getattr(settings, "command", None)
-        if command and shutil.which(command[0]) is None:
-            problems.append(f"{where}.command: {command[0]!r} is not a program on this host")
-        python = settings.engine_python
-        if python and command is None and shutil.which(python) is None:
+    python = config.defaults.engine_python
+    if python and shutil.which(python) is None:
+        problems.append(f"defaults.engine_python: {python!r} is not a program on this host")
+    for name, model in config.models.items():  # each key where it is written, once
+        where = f'models."{name}"'
+        if model.command and shutil.which(model.command[0]) is None:
+            problems.append(f"{where}.command: {model.command[0]!r} is not a program on this host")
+        python = model.engine_python
+        if python and model.command is None and model.url is None and shutil.which(python) is None:
             problems.append(f"{where}.engine_python: {python!r} is not a program on this host")
-    return sorted(set(problems))
+    return problems
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

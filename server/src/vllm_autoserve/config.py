@@ -247,15 +247,16 @@ class Config(_Strict):
             if tensor_parallel > settings.gpu_count():
                 where = f'models."{name}"' if name else "defaults"
                 inherited = " (from [defaults])" if name and self.models[name].gpu is None else ""
-                enough = (
-                    tensor_parallel
-                    if isinstance(gpu, int)
-                    else f'"{gpu.partition(":")[0]}:{tensor_parallel}"'
-                )
+                if isinstance(gpu, int):
+                    fix = f"set gpu = {tensor_parallel}"
+                elif tensor_parallel <= 8:
+                    fix = f'set gpu = "{gpu.partition(":")[0]}:{tensor_parallel}"'
+                else:
+                    fix = "a Modal GPU spec names at most 8"
                 raise ValueError(
                     f"{where}: tensor_parallel_size = {tensor_parallel} needs "
                     f"{tensor_parallel} GPUs, but gpu = {gpu!r}{inherited} gives "
-                    f"{settings.gpu_count()}; set gpu = {enough}"
+                    f"{settings.gpu_count()}; {fix}"
                 )
         return self
 
@@ -402,7 +403,14 @@ def _did_you_mean(location: tuple[int | str, ...]) -> str:
     model = tables.get(parent) or (ModelConfig if parent[:1] == ("models",) else None)
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(location[-1]), model.model_fields, n=1, cutoff=0.6)
+    key = str(location[-1])
+    if model is not GatewaySettings and key in GatewaySettings.model_fields:
+        return f"; {key!r} is a [gateway] key"
+    if model is GatewaySettings and key in ModelSettings.model_fields:
+        return f'; {key!r} is a key of [defaults] or [models."NAME"]'
+    if model is not ModelConfig and key in ModelConfig.model_fields:
+        return f'; {key!r} is a key of [models."NAME"]'
+    close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -146,7 +146,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            else:
+            elif self._get_upgrade() is not None:  # not a CONNECT: its app refuses it
                 self._ignore_upgrade(data[upgrade.args[0] :])
 
     def _ignore_upgrade(self, rest: bytes) -> None:
@@ -166,6 +166,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         ]
         head += [b"%s: %s" % header for header in self.headers if header[0] not in upgrade_headers]
         self.parser = httptools.HttpRequestParser(_HeadAlreadyParsed(self))
+        with contextlib.suppress(AttributeError):  # as uvicorn sets up its own parser
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
         self._feed(b"\r\n".join(head) + b"\r\n\r\n" + rest)
 
     def on_message_begin(self) -> None:
@@ -185,8 +187,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        # The body still arriving is this answer's own request's unless a request answered
+        # later waits in the pipeline (it was read after this one).
+        answered_early = self._in_body and not self.pipeline
         super().on_response_complete()
-        if self._in_body and not self.transport.is_closing():
+        if answered_early and not self.transport.is_closing():
             # Answered before its body was read (a 401, a 413): uvicorn reads the rest and
             # drops it, so that the client sees the answer, but a keyless client must not
             # hold the connection by sending a byte now and then.
@@ -219,9 +224,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         or its own body is what is malformed."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            if cycle.response_started or not self._in_body:
-                # An answer is under way, or due first (a pipelined request's head is the
-                # faulty one): no room for another.
+            if cycle.response_started or not self._in_body or self.pipeline:
+                # An answer is under way, or due first (a pipelined request is the faulty
+                # one): no room for another.
                 self.transport.close()
                 return
             # This cycle's own body is at fault: its app is told the client left, and the

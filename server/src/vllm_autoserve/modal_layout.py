@@ -51,8 +51,11 @@ START_MARGIN_SECONDS = 60
 """Modal's ``startup_timeout`` and the gateway's wait exceed an engine's own start deadline
 (``startup_seconds``) by this much, so that they see its failure, log tail included."""
 MODAL_MIN_SCALEDOWN = 2
-MODAL_MAX_SCALEDOWN = 3600  # Modal refuses a longer scaledown_window
-"""The shortest ``scaledown_window`` Modal accepts (up to 3600 s)."""
+"""The shortest ``scaledown_window`` Modal accepts."""
+MODAL_MAX_SCALEDOWN = 3600
+"""The longest ``scaledown_window`` Modal accepts."""
+MODAL_MAX_GPUS = 8
+"""The most GPUs Modal gives one container."""
 PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret
 PROXY_SECRET_ENV = "MODAL_PROXY_SECRET"
 
@@ -87,6 +90,8 @@ def modal_gpu(spec: str | int | None, tensor_parallel_size: int | None = None) -
     if isinstance(spec, int):
         if spec <= 0:
             raise ConfigError('gpu = 0: engines on Modal need a GPU (e.g. gpu = "H100")')
+        if spec > MODAL_MAX_GPUS:
+            raise ConfigError(f"gpu = {spec}: Modal gives one container at most 8 GPUs")
         return DEFAULT_GPU if spec == 1 else f"{DEFAULT_GPU}:{spec}"
     return spec
 

@@ -186,13 +186,14 @@ class Proxy:
         if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
             raise BadRequest("line break in the request target or a header")
         try:
-            response = await self._request(target, method, url, head + body, gone)
+            response = await self._request(target, method, url, head + body, gone, stopped)
         except UpstreamError as exc:
             if gone.done():  # the client left first; the upstream was told by the close
                 result.client_gone = True
                 return
             # The engine's address stays in the gateway's log, never in a client's answer.
-            log.warning("%s: the engine did not answer: %s", label, exc)
+            if stopped is None or not stopped.done():
+                log.warning("%s: the engine did not answer: %s", label, exc)
             shown = shown_as or label
             raise UpstreamUnavailable(f"the engine serving '{shown}' did not answer") from None
 
@@ -215,12 +216,20 @@ class Proxy:
                 metrics.child(metrics.OPEN_STREAMS, label).dec()
 
     async def _request(
-        self, target: _Target, method: str, url: str, request: bytes, gone: asyncio.Future[None]
+        self,
+        target: _Target,
+        method: str,
+        url: str,
+        request: bytes,
+        gone: asyncio.Future[None],
+        stopped: asyncio.Future[None] | None,
     ) -> Response:
         """One upstream request; follows Modal's own 303s (a web call past 150 s is answered
         with a redirect to the same URL plus ``__modal_function_call_id``), nothing else."""
         for redirects in range(_MAX_MODAL_REDIRECTS + 1):
-            response = await self.connections.send(target.origin, request, method=method, gone=gone)
+            response = await self.connections.send(
+                target.origin, request, method=method, gone=gone, stopped=stopped
+            )
             if response.status != 303 or redirects == _MAX_MODAL_REDIRECTS:
                 return response
             location = response.header(b"location") or ""
@@ -283,6 +292,7 @@ class Proxy:
             if stopped is not None and stopped.done():
                 # Cut by the gateway before the engine is stopped, so that the answer ends
                 # the same way whatever the engine would have made of its stop.
+                result.upstream_broke = True  # in the access line: ended without its end
                 if result.stream:
                     stop = ModelStopped(
                         f"[{shown_as}] was stopped with /down while this request ran"

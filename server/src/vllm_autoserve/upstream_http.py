@@ -351,10 +351,12 @@ class ConnectionPool:
         *,
         method: str = "POST",
         gone: asyncio.Future[None] | None = None,
+        stopped: asyncio.Future[None] | None = None,
     ) -> Response:
         """Writes ``request`` (head and body, already encoded, for ``method``) and returns
-        the answer once its headers are in. When ``gone`` completes first, the connection is
-        dropped at once and ``UpstreamError`` raised. A GET, HEAD, OPTIONS or TRACE on a
+        the answer once its headers are in. When ``gone`` (the client left) or ``stopped``
+        (the upstream is being stopped) completes first, the connection is dropped at once
+        and ``UpstreamError`` raised. A GET, HEAD, OPTIONS or TRACE on a
         reused connection that died before any byte of answer is sent once more on a new
         connection; any other request may have been acted on, and is never sent twice."""
         head_only = method == "HEAD"
@@ -373,6 +375,8 @@ class ConnectionPool:
 
             if gone is not None:
                 gone.add_done_callback(drop)
+            if stopped is not None:
+                stopped.add_done_callback(drop)
             connection.start(response, request)
             try:
                 await response.wait_started()
@@ -381,7 +385,8 @@ class ConnectionPool:
                 response.abort()
                 stale = reused and not response.received
                 replay = attempt == 0 and stale and method in _REPLAYABLE
-                if replay and not (gone is not None and gone.done()):
+                given_up = any(f is not None and f.done() for f in (gone, stopped))
+                if replay and not given_up:
                     continue
                 raise
             except BaseException:
@@ -390,6 +395,8 @@ class ConnectionPool:
             finally:
                 if gone is not None:
                     gone.remove_done_callback(drop)
+                if stopped is not None:
+                    stopped.remove_done_callback(drop)
         raise AssertionError("unreachable")
 
     def put_back(self, connection: _Connection) -> None:

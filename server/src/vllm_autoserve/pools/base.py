@@ -209,9 +209,9 @@ class Pool(ABC):
     def _cooldown_left(self) -> float:
         """How long a failed pool waits before the next start: ``failure_cooldown_seconds``,
         doubled by every start in a row that failed (at most 5 minutes), so that a model
-        that cannot start (a typo, no memory for it) is not reloaded at every retry. None for
-        an engine that died after running a while: not a crash loop, so the next request
-        starts it again at once, as Ollama and llama-swap do."""
+        that cannot start (a typo, no memory for it) is not reloaded at every retry. No
+        cooldown after an engine that died once it had run a while: not a crash loop, so the
+        next request starts it again at once, as Ollama and llama-swap do."""
         if self._failed_starts == 0:
             return 0.0
         base = self.config.gateway.failure_cooldown_seconds
