@@ -67,13 +67,13 @@ class GatewayServer(uvicorn.Server):
         hangup = threading.current_thread() is threading.main_thread() and (
             signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
         )
-        previous = signal.signal(signal.SIGHUP, self.handle_exit) if hangup else None
-        try:
-            with super().capture_signals():
+        with super().capture_signals():  # which raises the signal again at its exit
+            previous = signal.signal(signal.SIGHUP, self.handle_exit) if hangup else None
+            try:
                 yield
-        finally:
-            if hangup:
-                signal.signal(signal.SIGHUP, previous)
+            finally:
+                if hangup:  # before that: a SIGHUP ends the process as a SIGTERM does
+                    signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         now = time.monotonic()
