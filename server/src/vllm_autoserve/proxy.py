@@ -28,7 +28,13 @@ from urllib.parse import (
 
 from . import metrics
 from .asgi import Send
-from .errors import BadRequest, ModelStopped, UpstreamDisconnected, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    GatewayError,
+    ModelStopped,
+    UpstreamDisconnected,
+    UpstreamUnavailable,
+)
 from .pools.base import Upstream
 from .upstream_http import ConnectionPool, Origin, Response, UpstreamError
 
@@ -289,38 +295,28 @@ class Proxy:
             if gone.done():
                 result.client_gone = True
                 return
+            result.upstream_broke = True  # in the access line: ended without its end
             if stopped is not None and stopped.done():
                 # Cut by the gateway before the engine is stopped, so that the answer ends
                 # the same way whatever the engine would have made of its stop.
-                result.upstream_broke = True  # in the access line: ended without its end
-                if result.stream:
-                    stop = ModelStopped(
-                        f"[{shown_as}] was stopped with /down while this request ran"
-                    )
-                    with contextlib.suppress(OSError):
-                        await send(
-                            {
-                                "type": "http.response.body",
-                                "body": stop.sse_event(anthropic=result.anthropic),
-                                "more_body": True,
-                            }
-                        )
-                return
-            result.upstream_broke = True
-            log.warning(
-                "%s: the engine broke off its answer after %d bytes: %s",
-                label,
-                result.bytes_out,
-                exc,
-            )
+                error: GatewayError = ModelStopped(
+                    f"[{shown_as}] was stopped with /down while this request ran"
+                )
+            else:
+                log.warning(
+                    "%s: the engine broke off its answer after %d bytes: %s",
+                    label,
+                    result.bytes_out,
+                    exc,
+                )
+                error = UpstreamDisconnected(
+                    f"the engine serving '{shown_as}' broke off the stream"
+                )
             if result.stream:
                 # Say why in the stream itself, after the last whole event (a half one would
                 # make the client's parser fail before it reads why), then end the connection
                 # without the final chunk so that no client can take the cut answer for a
                 # complete one.
-                error = UpstreamDisconnected(
-                    f"the engine serving '{shown_as}' broke off the stream"
-                )
                 with contextlib.suppress(OSError):
                     await send(
                         {
