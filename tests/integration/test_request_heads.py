@@ -148,19 +148,34 @@ def test_what_the_gateway_cannot_parse_or_route_is_answered_in_openai_format() -
             assert b"content-type: application/json" in head.lower()
             assert json.loads(body)["error"]["type"] == "invalid_request_error"
         # A CONNECT is refused by the route, as any other method it does not take.
-        sock = _connect(gw.url)
-        sock.sendall(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_all(sock).startswith(b"HTTP/1.1 401 ")
-        # A pipelined request's malformed body: the connection closes, at most after the
-        # answer to the request before it; an answer to the faulty one would be read as
-        # the first one's.
-        sock = _connect(gw.url)
-        sock.sendall(
-            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        for connect in (b"", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"):
+            sock = _connect(gw.url)
+            sock.sendall(b"CONNECT / HTTP/1.1\r\nHost: x\r\n" + connect + b"\r\n")
+            assert _read_all(sock).startswith(b"HTTP/1.1 401 ")
+        # A pipelined request's malformed body: the request before it is answered, then the
+        # connection closes (an answer to the faulty one would be read as the first one's).
+        bad_body = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
             b"Authorization: Bearer " + gw.api_key.encode() + b"\r\n\r\nzz\r\n"
         )
-        assert [status for status, _ in _answers(_read_all(sock))] in ([], [200])
+        for first in (
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + gw.api_key.encode()
+            + b"\r\n\r\n",
+        ):
+            sock = _connect(gw.url)
+            sock.sendall(first + bad_body)
+            assert [status for status, _ in _answers(_read_all(sock))] == [200]
+        # A body answered early (no key: 401) and malformed after: one answer, not two.
+        sock = _connect(gw.url)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\nhello\r\n"
+        )
+        time.sleep(0.3)  # answered by now
+        sock.sendall(b"zz\r\n")
+        assert [status for status, _ in _answers(_read_all(sock))] == [401]
         # A body that cannot be parsed is answered too, not met with a closed connection.
         sock = _connect(gw.url)
         sock.sendall(

@@ -179,6 +179,9 @@ def test_a_gpu_count_modal_cannot_give_is_refused() -> None:
     config = parse_config({"models": {"big/m": {"gpu": 16}}})  # fine on a large local host
     with pytest.raises(ConfigError, match="gpu = 16: Modal gives one container at most 8"):
         engine_shape(config, "big/m")
+    config = parse_config({"models": {"big/m": {"tensor_parallel_size": 16}}})
+    with pytest.raises(ConfigError, match="tensor_parallel_size = 16 needs 16 GPUs: Modal"):
+        engine_shape(config, "big/m")
 
 
 def test_memory_snapshots_are_off_for_multi_gpu_models() -> None:

@@ -252,7 +252,7 @@ class Config(_Strict):
                 elif tensor_parallel <= 8:
                     fix = f'set gpu = "{gpu.partition(":")[0]}:{tensor_parallel}"'
                 else:
-                    fix = "a Modal GPU spec names at most 8"
+                    fix = f"a Modal GPU spec names at most 8 (on a local host: gpu = {tensor_parallel})"
                 raise ValueError(
                     f"{where}: tensor_parallel_size = {tensor_parallel} needs "
                     f"{tensor_parallel} GPUs, but gpu = {gpu!r}{inherited} gives "
@@ -406,7 +406,7 @@ def _did_you_mean(location: tuple[int | str, ...]) -> str:
     key = str(location[-1])
     if model is not GatewaySettings and key in GatewaySettings.model_fields:
         return f"; {key!r} is a [gateway] key"
-    if model is GatewaySettings and key in ModelSettings.model_fields:
+    if model in (Config, GatewaySettings) and key in ModelSettings.model_fields:
         return f'; {key!r} is a key of [defaults] or [models."NAME"]'
     if model is not ModelConfig and key in ModelConfig.model_fields:
         return f'; {key!r} is a key of [models."NAME"]'

@@ -114,6 +114,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
     _requests = 0  # begun on this connection
+    _discarding = False  # a request was refused: nothing more is read on this connection
+    _close_when_answered = False  # ... which closes once the answers due before it are out
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,6 +126,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._in_body:
             self._feed(data)
             return
@@ -146,7 +150,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            elif self._get_upgrade() is not None:  # not a CONNECT: its app refuses it
+            elif self.scope["method"] != "CONNECT":  # a CONNECT's app refuses it
                 self._ignore_upgrade(data[upgrade.args[0] :])
 
     def _ignore_upgrade(self, rest: bytes) -> None:
@@ -190,7 +194,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # The body still arriving is this answer's own request's unless a request answered
         # later waits in the pipeline (it was read after this one).
         answered_early = self._in_body and not self.pipeline
+        last_due = not self.pipeline
         super().on_response_complete()
+        if self._close_when_answered and last_due:
+            self.transport.close()
+            return
         if answered_early and not self.transport.is_closing():
             # Answered before its body was read (a 401, a 413): uvicorn reads the rest and
             # drops it, so that the client sees the answer, but a keyless client must not
@@ -221,15 +229,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, error: GatewayError) -> None:
         """Answer ``error`` and close, written here: no request has begun (so no app could),
-        or its own body is what is malformed."""
+        or its own body is what is malformed. Where an earlier request's answer is still
+        due, the connection closes once it is out, unanswered: an answer written now would
+        be read as that request's."""
+        self._discarding = True
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            if cycle.response_started or not self._in_body or self.pipeline:
-                # An answer is under way, or due first (a pipelined request is the faulty
-                # one): no room for another.
-                self.transport.close()
-                return
-            # This cycle's own body is at fault: its app is told the client left, and the
+        if cycle is None or (cycle.response_complete and not self._in_body):
+            pass  # nothing else is due on this connection
+        elif self.pipeline or not self._in_body:
+            if self._in_body and self.pipeline[0][0] is cycle:
+                self.pipeline.popleft()  # the faulty request, queued: it is not run
+            self._close_when_answered = True
+            return
+        elif cycle.response_started or cycle.response_complete:
+            self.transport.close()  # its own answer is under way or given (an early 401)
+            return
+        else:
+            # This request's own body is at fault: its app is told the client left, and the
             # answer is this error.
             cycle.disconnected = True
             cycle.message_event.set()

@@ -87,6 +87,11 @@ def modal_gpu(spec: str | int | None, tensor_parallel_size: int | None = None) -
     unset: as many default GPUs as the tensor-parallel size)."""
     if spec is None:
         spec = tensor_parallel_size or 1
+        if spec > MODAL_MAX_GPUS:
+            raise ConfigError(
+                f"tensor_parallel_size = {spec} needs {spec} GPUs: Modal gives one container "
+                "at most 8"
+            )
     if isinstance(spec, int):
         if spec <= 0:
             raise ConfigError('gpu = 0: engines on Modal need a GPU (e.g. gpu = "H100")')
