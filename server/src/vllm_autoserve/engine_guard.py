@@ -9,9 +9,8 @@ it hears of the gateway's death even after a SIGKILL. When the engine exits, or 
 told to stop (the engine is told first), every remaining descendant is killed. The guard
 exits with the engine's code, and says so on its output (``exit_line``) as soon as the
 engine exits, before it has cleaned up after it: that is when the gateway must stop
-sending the engine requests. The line
-carries a token the gateway gives the guard alone (``TOKEN_ENV``), so that nothing the
-engine prints can pass for it.
+sending the engine requests. The line carries a token the gateway gives the guard alone
+(``TOKEN_ENV``), so that nothing the engine prints can pass for it.
 """
 
 from __future__ import annotations
