@@ -25,7 +25,7 @@ from types import FrameType
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 
@@ -113,7 +113,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _in_body = False  # between a head's end and its message's end
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
-    _requests = 0  # begun on this connection
     _discarding = False  # a request was refused: nothing more is read on this connection
     _close_when_answered = False  # ... which closes once the answers due before it are out
 
@@ -176,7 +175,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._head_started = True
-        self._requests += 1
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
@@ -203,10 +201,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # Answered before its body was read (a 401, a 413): uvicorn reads the rest and
             # drops it, so that the client sees the answer, but a keyless client must not
             # hold the connection by sending a byte now and then.
-            self.loop.call_later(self.head_seconds, self._close_if_still_in, self._requests)
+            self.loop.call_later(self.head_seconds, self._close_if_still_in, self.cycle)
 
-    def _close_if_still_in(self, request: int) -> None:
-        if self._requests == request and self._in_body and not self.transport.is_closing():
+    def _close_if_still_in(self, cycle: RequestResponseCycle | None) -> None:
+        """Close if the body of the request ``cycle`` answered is still arriving (a later
+        request has a cycle of its own)."""
+        if self.cycle is cycle and self._in_body and not self.transport.is_closing():
             self.transport.close()
 
     def _head_too_slow(self) -> None:
