@@ -6,13 +6,14 @@ import http.server
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
 
 from tests.integration.test_lifecycle import engine_starts
-from tests.support.gateway import fake_model, running_gateway
+from tests.support.gateway import Gateway, fake_model, running_gateway
 from tests.support.waiting import engine_port, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -105,31 +106,49 @@ def test_down_while_an_up_waits_or_a_request_runs_leaves_the_model_down() -> Non
     under way that /down cut got a 502, which the OpenAI SDK retries (restarting the model)."""
     cfg = fake_model("m", "--startup-delay", "2") + fake_model("busy", "--response-delay", "10")
     with running_gateway(cfg) as gw, gw.client() as c:
-        answers: dict[str, httpx.Response] = {}
-        waiting = threading.Thread(target=lambda: answers.setdefault(
-            "up", c.post("/up", json={"model_path": "m", "wait": 20})))
-        waiting.start()
-        wait_for(lambda: gw.status()["m"]["state"] == "starting")
-        with gw.client() as other:
-            other.post("/down", json={"model_path": "m"})
-        waiting.join()
-        assert answers["up"].status_code == 503
-        assert answers["up"].json()["error"]["code"] == "model_stopped"
-        assert answers["up"].headers["x-should-retry"] == "false"
+        up = _answer_across_down(
+            gw,
+            "m",
+            lambda: c.post("/up", json={"model_path": "m", "wait": 20}),
+            under_way=lambda: gw.status()["m"]["state"] == "starting",
+        )
+        _assert_stopped_for_good(up)
         time.sleep(2.5)
         assert gw.status()["m"]["state"] == "cold" and engine_starts(c, "m") == 1
 
         assert c.post("/up", json={"model_path": "busy", "wait": 20}).json()["status"] == "healthy"
-        running = threading.Thread(target=lambda: answers.setdefault(
-            "chat", c.post("/v1/chat/completions", json={"model": "busy", **CHAT})))
-        running.start()
-        wait_for(lambda: gw.status()["busy"]["in_flight"] == 1)
-        with gw.client() as other:
-            other.post("/down", json={"model_path": "busy"})
-        running.join()
-        assert answers["chat"].status_code == 503
-        assert answers["chat"].json()["error"]["code"] == "model_stopped"
-        assert answers["chat"].headers["x-should-retry"] == "false"
+        chat = _answer_across_down(
+            gw,
+            "busy",
+            lambda: c.post("/v1/chat/completions", json={"model": "busy", **CHAT}),
+            under_way=lambda: gw.status()["busy"]["in_flight"] == 1,
+        )
+        _assert_stopped_for_good(chat)
+
+
+def _answer_across_down(
+    gw: Gateway,
+    model: str,
+    request: Callable[[], httpx.Response],
+    under_way: Callable[[], bool],
+) -> httpx.Response:
+    """The answer to ``request`` (run in a thread) when another client calls /down for
+    ``model`` once ``under_way()`` holds."""
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(request()))
+    thread.start()
+    wait_for(under_way)
+    with gw.client() as other:
+        other.post("/down", json={"model_path": model})
+    thread.join()
+    return answers[0]
+
+
+def _assert_stopped_for_good(answer: httpx.Response) -> None:
+    """``model_stopped``, which the OpenAI SDKs do not retry (a retry would restart it)."""
+    assert answer.status_code == 503
+    assert answer.json()["error"]["code"] == "model_stopped"
+    assert answer.headers["x-should-retry"] == "false"
 
 
 def test_down_ends_a_stream_under_way_with_model_stopped() -> None:
@@ -162,20 +181,18 @@ def test_down_ends_a_request_waiting_for_its_answer_without_waiting_for_the_engi
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "busy", "wait": 20}).json()["status"] == "healthy"
         answered: list[float] = []
-        result: dict[str, httpx.Response] = {}
 
-        def ask() -> None:
-            result["chat"] = c.post("/v1/chat/completions", json={"model": "busy", **CHAT})
+        def ask() -> httpx.Response:
+            answer = c.post("/v1/chat/completions", json={"model": "busy", **CHAT})
             answered.append(time.monotonic())
+            return answer
 
-        asking = threading.Thread(target=ask)
-        asking.start()
-        wait_for(lambda: gw.status()["busy"]["in_flight"] == 1)
-        with gw.client() as other:
-            other.post("/down", json={"model_path": "busy"})  # the engine ignores SIGTERM: 6 s
+        # The engine ignores SIGTERM: the /down takes the 6 s grace.
+        chat = _answer_across_down(
+            gw, "busy", ask, under_way=lambda: gw.status()["busy"]["in_flight"] == 1
+        )
         down_done = time.monotonic()
-        asking.join()
-        assert result["chat"].json()["error"]["code"] == "model_stopped"
+        assert chat.json()["error"]["code"] == "model_stopped"
         assert answered[0] < down_done - 3  # answered at the /down, not at the SIGKILL
 
 
