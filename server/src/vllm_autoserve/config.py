@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, InvalidModelName, ModelNotFound
 
 CONFIG_ENV = "AUTOSERVE_CONFIG"
+MODAL_MAX_GPUS = 8  # the most GPUs Modal gives one container
 MAX_MODEL_NAME = 256
 
 # A Hugging Face repo id: "name" or "owner/name", letters, digits, '.', '_', '-', each part
@@ -145,10 +146,12 @@ class ModelSettings(_Strict):
         if isinstance(value, int) and value < 0:
             raise ValueError("must be a GPU spec like 'H100:2' or a count >= 0")
         # Modal's spec: a type, "!" (exactly this type, never upgraded) or "+" (this type or
-        # better), and at most 8 GPUs per container.
-        if isinstance(value, str) and not re.fullmatch(r"[A-Za-z0-9_-]+[!+]?(:[1-8])?", value):
+        # better), and a count (one digit: at most MODAL_MAX_GPUS per container).
+        spec = rf"[A-Za-z0-9_-]+[!+]?(:[1-{MODAL_MAX_GPUS}])?"
+        if isinstance(value, str) and not re.fullmatch(spec, value):
             raise ValueError(
-                f"{value!r} is not a GPU spec like 'H100', 'H100!' or 'H200:2' (at most 8)"
+                f"{value!r} is not a GPU spec like 'H100', 'H100!' or 'H200:2' "
+                f"(at most {MODAL_MAX_GPUS})"
             )
         return value
 
@@ -249,10 +252,13 @@ class Config(_Strict):
                 inherited = " (from [defaults])" if name and self.models[name].gpu is None else ""
                 if isinstance(gpu, int):
                     fix = f"set gpu = {tensor_parallel}"
-                elif tensor_parallel <= 8:
+                elif tensor_parallel <= MODAL_MAX_GPUS:
                     fix = f'set gpu = "{gpu.partition(":")[0]}:{tensor_parallel}"'
                 else:
-                    fix = f"a Modal GPU spec names at most 8 (on a local host: gpu = {tensor_parallel})"
+                    fix = (
+                        f"a Modal GPU spec names at most {MODAL_MAX_GPUS} "
+                        f"(on a local host: gpu = {tensor_parallel})"
+                    )
                 raise ValueError(
                     f"{where}: tensor_parallel_size = {tensor_parallel} needs "
                     f"{tensor_parallel} GPUs, but gpu = {gpu!r}{inherited} gives "

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .config import Config
+from .config import MODAL_MAX_GPUS, Config
 from .errors import ConfigError
 
 APP_NAME = "vllm-autoserve"
@@ -54,8 +54,6 @@ MODAL_MIN_SCALEDOWN = 2
 """The shortest ``scaledown_window`` Modal accepts."""
 MODAL_MAX_SCALEDOWN = 3600
 """The longest ``scaledown_window`` Modal accepts."""
-MODAL_MAX_GPUS = 8
-"""The most GPUs Modal gives one container."""
 PROXY_KEY_ENV = "MODAL_PROXY_KEY"  # a workspace proxy token, in the gateway's secret
 PROXY_SECRET_ENV = "MODAL_PROXY_SECRET"
 
@@ -90,13 +88,15 @@ def modal_gpu(spec: str | int | None, tensor_parallel_size: int | None = None) -
         if spec > MODAL_MAX_GPUS:
             raise ConfigError(
                 f"tensor_parallel_size = {spec} needs {spec} GPUs: Modal gives one container "
-                "at most 8"
+                f"at most {MODAL_MAX_GPUS}"
             )
     if isinstance(spec, int):
         if spec <= 0:
             raise ConfigError('gpu = 0: engines on Modal need a GPU (e.g. gpu = "H100")')
         if spec > MODAL_MAX_GPUS:
-            raise ConfigError(f"gpu = {spec}: Modal gives one container at most 8 GPUs")
+            raise ConfigError(
+                f"gpu = {spec}: Modal gives one container at most {MODAL_MAX_GPUS} GPUs"
+            )
         return DEFAULT_GPU if spec == 1 else f"{DEFAULT_GPU}:{spec}"
     return spec
 
