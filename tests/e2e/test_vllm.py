@@ -89,7 +89,8 @@ def test_a_redirect_from_vllm_names_the_gateway_not_the_engine(vllm_gateway: Gat
 
 
 def test_tokenize_and_anthropic_messages_reach_vllm(vllm_gateway: Gateway) -> None:
-    """vLLM's routes outside ``/v1/`` (``/tokenize``...) and ``/v1/messages`` go through."""
+    """vLLM's routes outside ``/v1/`` (``/tokenize``, ``/generative_scoring``...) and
+    ``/v1/messages`` go through."""
     with vllm_gateway.client(timeout=400) as c:
         assert c.post("/up", json={"model_path": "tiny", "wait": 300}).json()["status"] == "healthy"
         tokens = c.post("/tokenize", json={"model": "tiny", "prompt": "Hello there"})
@@ -97,6 +98,12 @@ def test_tokenize_and_anthropic_messages_reach_vllm(vllm_gateway: Gateway) -> No
         assert tokens.json()["count"] == len(tokens.json()["tokens"]) > 0
         text = c.post("/detokenize", json={"model": "tiny-a", "tokens": tokens.json()["tokens"]})
         assert text.status_code == 200 and "Hello" in text.json()["prompt"]
+        scored = c.post(
+            "/generative_scoring",
+            json={"model": "tiny-a", "query": "Is it?", "items": ["yes", "no"],
+                  "label_token_ids": [42, 514]},
+        )
+        assert scored.status_code == 200, scored.text
         messages = c.post(
             "/v1/messages",
             json={"model": "tiny-a", "max_tokens": 4, "messages": MESSAGES},

@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.test_lifecycle import engine_starts
 from tests.support.gateway import Gateway, fake_model, running_gateway
-from tests.support.waiting import engine_port, wait_for
+from tests.support.waiting import engine_port, standalone_fake_engine, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -333,6 +333,34 @@ def test_credentials_in_a_static_url_never_reach_clients_or_the_log() -> None:
         assert not [t for t in [*answers, gw.log()] if "s3cr3t-token" in t]
         assert not [t for t in answers if str(port) in t]
         assert f"127.0.0.1:{port}" in gw.log()  # where the operator looks
+
+
+def test_an_upstream_refusing_the_gateways_key_is_the_gateways_fault_not_the_clients() -> None:
+    """A `url` model with a wrong `api_key` passed the engine's 401 on: the client, whose key
+    was right, got an AuthenticationError and blamed its own key; the log said nothing."""
+    with standalone_fake_engine("--model", "m", env={"VLLM_API_KEY": "engine-key"}) as url:
+        cfg = f'[models."m"]\nurl = "{url}"\napi_key = "wrong-key"\n'
+        with running_gateway(cfg) as gw:
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.api_key, max_retries=0)
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(model="m", **CHAT)
+            assert refused.value.status_code == 502
+            assert refused.value.code == "upstream_auth_failed"
+            assert refused.value.response.headers["x-should-retry"] == "false"
+            assert "wrong-key" not in refused.value.response.text
+            log = gw.log()
+            assert "refuses the gateway's key" in log  # when the pool turned healthy
+            assert "refused the gateway's credentials" in log  # and at the request
+
+
+def test_an_upstream_that_serves_another_name_is_named_in_the_log() -> None:
+    """A `url` model named other than the engine serves it turned healthy, and every request
+    got the engine's 404 with no word in the gateway's log of why."""
+    with standalone_fake_engine("--model", "served-name") as url:
+        cfg = f'[models."typo-name"]\nurl = "{url}"\n'
+        with running_gateway(cfg) as gw, gw.client() as c:
+            assert c.post("/up", json={"model_path": "typo-name", "wait": 10}).json()["status"] == "healthy"
+            assert "does not list this name among its models (served-name)" in gw.log()
 
 
 def test_up_accepts_json_sent_by_curl_d_without_a_content_type() -> None:

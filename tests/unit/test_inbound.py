@@ -98,3 +98,17 @@ def test_an_alias_is_replaced_at_the_top_level_only_however_it_is_written(body: 
     renamed = orjson.loads(with_model(body, "org/m", where, model))
     assert renamed["model"] == "org/m" and renamed["n"] == 1
     assert renamed.get("metadata", {"model": "alias"}) == {"model": "alias"}
+
+
+@pytest.mark.parametrize("stream", [True, False, 0, 1, 1.0, "true", "False", "0", "yes", "off"])
+def test_stream_is_taken_as_vllm_takes_a_boolean(stream: object) -> None:
+    body = orjson.dumps({"model": "m", "stream": stream})
+    assert model_of(body, b"application/json")[0] == "m"
+
+
+@pytest.mark.parametrize("stream", [2, 0.5, "1.0", " true", "streaming", [], {}])
+def test_stream_that_vllm_would_refuse_is_a_400_naming_it(stream: object) -> None:
+    body = orjson.dumps({"model": "m", "stream": stream})
+    with pytest.raises(BadRequest) as refused:
+        model_of(body, b"application/json")
+    assert refused.value.param == "stream"

@@ -18,6 +18,7 @@ connection, an engine that exited) are mapped to one of these once, where they h
     ├── ModelFailed                   503     engine_error             model_failed     (+ Retry-After)
     ├── ShuttingDown                  503     service_unavailable      gateway_shutting_down (+ Retry-After)
     ├── UpstreamUnavailable           502     engine_error             upstream_unavailable
+    ├── UpstreamRefusedCredentials    502     engine_error             upstream_auth_failed
     └── UpstreamDisconnected          (200)   engine_error             upstream_disconnected
 
 A stream that breaks off after its first bytes cannot change its status any more: its error
@@ -222,6 +223,19 @@ class UpstreamUnavailable(GatewayError):
     status = 502
     type = "engine_error"
     code = "upstream_unavailable"
+
+
+class UpstreamRefusedCredentials(GatewayError):
+    """The engine answered 401 to the credentials the gateway sends it (a ``url`` model's
+    ``api_key``, Modal's proxy token): the gateway's configuration, not the client's key,
+    so not a 401 to the client, and not retried by the OpenAI SDKs (it would fail again)."""
+
+    status = 502
+    type = "engine_error"
+    code = "upstream_auth_failed"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"x-should-retry", b"false")]
 
 
 class UpstreamDisconnected(GatewayError):

@@ -96,9 +96,24 @@ def model_of(body: bytes, content_type: bytes | None) -> tuple[str, slice | None
     if not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, not {_json_type(model)}", param="model")
     stream = data.get("stream")
-    if stream is not None and not isinstance(stream, bool):
+    if stream is not None and not _lax_bool(stream):
         raise BadRequest(f"'stream' must be a boolean, not {_json_type(stream)}", param="stream")
     return model, None
+
+
+# What vLLM's request models (pydantic, lax mode) take for a boolean: what vLLM answers,
+# the gateway passes on.
+_BOOLEAN_STRINGS = frozenset(
+    {"0", "1", "f", "t", "n", "y", "no", "on", "off", "yes", "true", "false"}
+)
+
+
+def _lax_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return value in (0, 1)
+    return isinstance(value, str) and value.lower() in _BOOLEAN_STRINGS
 
 
 _MODEL_KEY = re.compile(rb'"model"[ \t\r\n]*:[ \t\r\n]*')  # a key: no string holds a bare '"'

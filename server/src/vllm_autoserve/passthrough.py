@@ -45,7 +45,17 @@ from .proxy import Forwarded, Proxy
 
 # vLLM's model routes outside /v1/ (every /v1/ route but the gateway's own is passed through).
 ROOT_ROUTES = frozenset(
-    {"/tokenize", "/detokenize", "/pooling", "/classify", "/score", "/rerank", "/v2/rerank"}
+    {
+        "/tokenize",
+        "/detokenize",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/generative_scoring",
+        "/rerank",
+        "/v2/rerank",
+        "/invocations",  # SageMaker's route: the body is one of the others', model and all
+    }
 )
 # vLLM's inference routes (POST only), each its own label in metrics and the access log.
 _KNOWN_ROUTES = ROOT_ROUTES | frozenset(

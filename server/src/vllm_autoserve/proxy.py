@@ -33,6 +33,7 @@ from .errors import (
     GatewayError,
     ModelStopped,
     UpstreamDisconnected,
+    UpstreamRefusedCredentials,
     UpstreamUnavailable,
 )
 from .pools.base import Upstream
@@ -202,6 +203,18 @@ class Proxy:
                 log.warning("%s: the engine did not answer: %s", label, exc)
             shown = shown_as or label
             raise UpstreamUnavailable(f"the engine serving '{shown}' did not answer") from None
+        if response.status == 401:  # never the client's key, which is not sent upstream
+            response.release()
+            log.warning(
+                "%s: the engine refused the gateway's credentials (401): check the key it "
+                "is given (a url model's api_key, an --api-key in vllm_args, Modal's proxy "
+                "token)",
+                label,
+            )
+            raise UpstreamRefusedCredentials(
+                f"the engine serving '{shown_as or label}' refused the gateway's credentials; "
+                "the gateway's configuration needs fixing, not the client's key"
+            )
 
         def close_upstream(_: object) -> None:
             response.abort()

@@ -59,6 +59,7 @@ class StaticPool(Pool):
         while time.monotonic() < deadline:
             problem = await self._check()
             if not problem:
+                await self._check_served()
                 return Upstream(url=self.url, api_key=self.settings.api_key)
             await asyncio.sleep(0.25)
         # Its address stays in the gateway's log: the error reaches clients too.
@@ -80,6 +81,43 @@ class StaticPool(Pool):
             return "no answer within 5 s"
         except (aiohttp.ClientError, OSError) as exc:
             return str(exc) or type(exc).__name__
+
+    async def _check_served(self) -> None:
+        """Warns when the upstream's model list shows that requests will be refused: its key
+        is wrong, or it serves no model of this name (the name requests go upstream with).
+        Its health check needs neither, so the pool turns healthy all the same."""
+        headers = (
+            {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        )
+        try:
+            async with self._session().get(
+                self.url + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
+            ) as resp:
+                if resp.status == 401:
+                    log.warning(
+                        "[%s] upstream %s refuses the gateway's key (401 to /v1/models): "
+                        "check this model's api_key",
+                        self.name,
+                        self.shown_url,
+                    )
+                    return
+                listing = await resp.json(content_type=None) if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(entries, list):
+            return
+        served = [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+        if served and self.name not in served:
+            log.warning(
+                "[%s] upstream %s does not list this name among its models (%s): requests "
+                "for it go upstream as %r and will likely be refused; name the model as the "
+                "upstream does, with aliases for other names",
+                self.name,
+                self.shown_url,
+                ", ".join(served[:10]) + (", ..." if len(served) > 10 else ""),
+                self.name,
+            )
 
     async def _terminate(self, reason: StopReason | None) -> None:
         """Nothing to stop: the upstream is not ours."""
