@@ -77,7 +77,7 @@ def test_metrics_logs_and_status_tell_what_happened() -> None:
         assert "model=typo route=/v1/chat/completions status=404" in gw.log()
         assert 'model="typo"' not in c.get("/metrics").text
         assert "[m] pool cold -> starting (request)" in log
-        assert "[m] pool starting -> healthy (engine healthy)" in log
+        assert re.search(r"\[m\] pool starting -> healthy \(engine healthy\) in \d+\.\d s\n", log)
         assert re.search(r"\[bad\] pool starting -> failed \(engine failed\): \[bad\] engine "
                          r"exited prematurely with code \d+: ValueError: no such architecture", log)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import socket
 import threading
@@ -27,6 +28,7 @@ def test_cancelled_start_never_leaves_the_evicted_pool_stuck_stopping() -> None:
            + fake_model("b", extra="gpu = 1"))
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "a", "wait": 10}).json()["status"] == "healthy"
+        time.sleep(1.2)  # past the second an engine just started is kept for its requests
         assert c.post("/up", json={"model_path": "b"}).json()["status"] == "pending"
         time.sleep(0.3)  # b is now evicting a, which takes the 2 s grace
         assert c.post("/down", json={"model_path": "b"}).json()["state"] == "cold"
@@ -463,3 +465,60 @@ def test_odd_model_lists_from_upstreams_do_not_break_the_gateway_list() -> None:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_an_engine_just_started_serves_the_requests_it_was_started_for_before_its_eviction() -> None:
+    """Two engine slots, one held by a pinned busy model, two more models asked for in turn:
+    an engine was evicted the moment it turned healthy (any engine going idle wakes the
+    start waiting for its slot), or when its first answer ended, before the other requests
+    held for it were under way. They started it again: every swap cost more cold starts."""
+    cfg = ("[gateway]\nlocal_gpus = 0\nmax_engines = 2\nhold_seconds = 60\n"
+           + fake_model("p", extra="min_containers = 1")
+           + fake_model("a", "--startup-delay", "1") + fake_model("b", "--startup-delay", "1"))
+
+    async def swaps(gw: Gateway) -> tuple[list[int], list[bool]]:
+        answers: list[int] = []
+        seen_waiting: list[bool] = []
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=gw.url, headers=gw.headers, timeout=60,
+                                     limits=limits) as c:
+            done = asyncio.Event()
+
+            async def keep_p_busy() -> None:  # each answer's end wakes the waiting start
+                while not done.is_set():
+                    await c.post("/v1/chat/completions", json={"model": "p", **CHAT})
+
+            async def ask(model: str) -> None:
+                answer = await c.post("/v1/chat/completions", json={"model": model, **CHAT})
+                answers.append(answer.status_code)
+
+            async def watch_b() -> None:
+                while not done.is_set():
+                    pools = (await c.get("/status")).json()["pools"]
+                    b = next(pool for pool in pools if pool["model"] == "b")
+                    seen_waiting.append(b["waiting_for_slot"])
+                    await asyncio.sleep(0.1)
+
+            background = [asyncio.create_task(keep_p_busy()) for _ in range(6)]
+            background.append(asyncio.create_task(watch_b()))
+            for first, second in [("a", "b"), ("b", "a")]:
+                for model in (first, second):  # both cold: every request is held for a start
+                    await c.post("/down", json={"model_path": model})
+                asked = [asyncio.create_task(ask(first)) for _ in range(30)]
+                await asyncio.sleep(0.3)
+                asked += [asyncio.create_task(ask(second)) for _ in range(30)]
+                await asyncio.gather(*asked)
+            done.set()
+            await asyncio.gather(*background)
+        return answers, seen_waiting
+
+    with running_gateway(cfg) as gw:
+        wait_for(lambda: gw.status()["p"]["state"] == "healthy", timeout=20)
+        answers, seen_waiting = asyncio.run(swaps(gw))
+        assert answers == [200] * 120
+        log = gw.log()
+        # One start per model and round, never one more.
+        assert log.count("[a] pool cold -> starting") == 2, log
+        assert log.count("[b] pool cold -> starting") == 2, log
+        assert "[b] stopping idle [a] to make room for it" in log
+        assert any(seen_waiting)  # /status said so while a start waited for the slot

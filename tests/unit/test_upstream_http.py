@@ -400,3 +400,30 @@ async def test_answers_of_every_ending_leave_no_reference_cycles() -> None:
         gc.garbage.clear()
         gc.enable()
     assert cyclic == []
+
+
+async def test_an_upstream_that_closes_a_new_connection_at_once_is_an_upstream_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine being stopped accepts and closes at once: when the close arrived before the
+    request was written (a busy loop resumes the sender late), an assertion failed and the
+    client got a bare 500."""
+    connect = ConnectionPool._connect
+
+    async def connect_then_resume_late(self: ConnectionPool, *args: object) -> object:
+        connection = await connect(self, *args)  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # the upstream's close arrives meanwhile
+        return connection
+
+    monkeypatch.setattr(ConnectionPool, "_connect", connect_then_resume_late)
+
+    async def close_at_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        return
+
+    async with serving(close_at_once) as server:
+        pool = ConnectionPool()
+        with pytest.raises(UpstreamError, match="closed the connection"):
+            await pool.send(origin(server), POST)
+        pool.close()

@@ -105,9 +105,12 @@ def _age(epoch: object) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _state(value: object) -> Text:
+def _state(value: object, waiting_for_slot: object = False) -> Text:
     state = str(value or "-")
-    return Text(state, style=_STATE_STYLES.get(state, ""))
+    style = _STATE_STYLES.get(state, "")
+    if waiting_for_slot:
+        state += " (waiting for a slot)"
+    return Text(state, style=style)
 
 
 def _first_line(value: object) -> str:
@@ -131,7 +134,8 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
     table = Table(show_edge=False)
-    for column in ("model", "state", "since", "last request", "in flight", "engines", "gpus"):
+    columns = ("model", "state", "since", "last request", "in flight", "engines", "gpus", "pinned")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     # On a terminal the first line of an error is cut to fit; piped, it is whole.
     error_width = 60 if out.is_terminal else None
@@ -140,12 +144,13 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
         gpus = pool.get("gpus") or []
         table.add_row(
             Text(str(pool.get("model", "?"))),
-            _state(pool.get("state") or pool.get("status")),
+            _state(pool.get("state") or pool.get("status"), pool.get("waiting_for_slot")),
             _age(pool.get("since")),
             _age(pool.get("last_request")),
             str(pool.get("in_flight", 0)),
             str(pool.get("engines", 0)),
             ",".join(str(g) for g in gpus) or "-",
+            "yes" if pool.get("pinned") else "-",
             Text(_first_line(pool.get("error")), style="red"),
         )
     _print_whole(out, table)

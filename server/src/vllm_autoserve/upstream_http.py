@@ -368,6 +368,8 @@ class ConnectionPool:
             if gone is not None and gone.done():
                 connection.close()
                 raise UpstreamError("the client left before the request was sent")
+            if connection.closed:  # closed by the upstream as soon as it was opened
+                raise UpstreamError(f"upstream {origin} closed the connection at once")
             response = Response(connection, head_only)
 
             def drop(_: object, response: Response = response) -> None:

@@ -127,6 +127,9 @@ class Pool(ABC):
     def _gpus(self) -> list[int]:
         return []
 
+    def _waiting_for_slot(self) -> bool:
+        return False
+
     # -- settings -------------------------------------------------------------------------
 
     @property
@@ -154,6 +157,7 @@ class Pool(ABC):
             raise IllegalTransition(f"[{self.name}] cannot go from {old} to {new}")
         self._state = new
         self._since = time.time()
+        fields: dict[str, object] = {"model": self.name, "old": old.value, "new": new.value}
         if new is PoolState.FAILED:
             self._error = error
             self._failed_at = time.monotonic()
@@ -169,9 +173,9 @@ class Pool(ABC):
         elif new is PoolState.HEALTHY:
             self._error = None
             self._healthy_since = time.monotonic()
-            metrics.COLD_START_SECONDS.labels(self.name).observe(
-                time.monotonic() - self._starting_since
-            )
+            took = self._healthy_since - self._starting_since
+            metrics.COLD_START_SECONDS.labels(self.name).observe(took)
+            fields["start_seconds"] = round(took, 2)
         elif new is PoolState.COLD:
             self._error = None
         if old is PoolState.HEALTHY and new is not PoolState.FAILED and self._ran_a_while():
@@ -181,23 +185,18 @@ class Pool(ABC):
         metrics.set_pool_state(self.name, new.value)
         level = logging.WARNING if new is PoolState.FAILED else logging.INFO
         summary = _summary(error)
+        fields.update(reason=reason, error=summary)
+        took_part = f" in {fields['start_seconds']:.1f} s" if "start_seconds" in fields else ""
         log.log(
             level,
-            "[%s] pool %s -> %s (%s)%s",
+            "[%s] pool %s -> %s (%s)%s%s",
             self.name,
             old.value,
             new.value,
             reason,
+            took_part,
             f": {summary}" if summary else "",
-            extra={
-                "fields": {
-                    "model": self.name,
-                    "old": old.value,
-                    "new": new.value,
-                    "reason": reason,
-                    "error": summary,
-                }
-            },
+            extra={"fields": fields},
         )
         self._changed.set()
         self._changed = asyncio.Event()
@@ -490,4 +489,5 @@ class Pool(ABC):
             aliases=self.config.aliases_of(self.name),
             backend=self.backend,
             pinned=self._pinned,
+            waiting_for_slot=self._waiting_for_slot(),
         )

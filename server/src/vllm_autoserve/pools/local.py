@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ log = logging.getLogger("vllm_autoserve.pools")
 ENGINE_HOST = "127.0.0.1"
 CPU_HOST_MAX_ENGINES = 3  # [gateway] max_engines when unset, on a host without GPUs
 _PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
+_FRESH_SECONDS = 1.0  # an engine just turned healthy is not evicted for another's start
 
 
 def _engine_python(settings: ModelConfig) -> tuple[str, bool]:
@@ -187,6 +189,9 @@ class LocalPool(Pool):
     def _engines(self) -> int:
         return 0 if self._awaiting_slot else super()._engines()  # none launched yet
 
+    def _waiting_for_slot(self) -> bool:
+        return self._awaiting_slot and self._state is PoolState.STARTING
+
     def _progress(self) -> str:
         if self._awaiting_slot:
             return (
@@ -219,6 +224,10 @@ class LocalPool(Pool):
             and self._in_flight == 0
             and not self._pinned  # kept warm until /down, for other models' starts too
             and self._slots.holds(self.name)
+            # Not before the requests it was started for are under way: they wait until
+            # they see it healthy, and take their lease a moment after.
+            and self._waiting == 0
+            and time.monotonic() - self._healthy_since >= _FRESH_SECONDS
         ):
             return self.last_active
         return None

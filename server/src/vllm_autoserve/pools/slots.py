@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from ..engine import EngineFailed
+
+log = logging.getLogger("vllm_autoserve.pools")
 
 _RESCAN_SECONDS = 1.0
 
@@ -98,6 +101,7 @@ class EngineSlots:
                 f"[{shown_as or name}] needs {count} GPUs but this host has {len(self.devices)} "
                 f"(devices {self.devices})"
             )
+        said_so = False
         while True:
             free = self._free()
             if len(free) >= count and self._room():
@@ -110,8 +114,16 @@ class EngineSlots:
             ]
             if idle:
                 _, lru = min(idle, key=lambda pair: pair[0])
+                log.info("[%s] stopping idle [%s] to make room for it", name, lru.name)
                 await lru.evict()
                 continue
+            if not said_so:
+                said_so = True
+                log.info(
+                    "[%s] waiting for GPUs or an engine slot, held by: %s",
+                    name,
+                    ", ".join(f"[{holder}]" for holder in self._held) or "-",
+                )
             # Wait for a release, or for a holder to go idle (then it can be evicted).
             self._released.clear()
             with contextlib.suppress(TimeoutError):

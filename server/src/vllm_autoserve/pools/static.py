@@ -102,8 +102,8 @@ class StaticPool(Pool):
                     )
                     return
                 listing = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError):
+            return  # no list, or none to read: nothing to say
         entries = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(entries, list):
             return

@@ -56,6 +56,8 @@ class PoolStatus:
     aliases: list[str] = field(default_factory=list)
     backend: str = "local"
     pinned: bool = False
+    waiting_for_slot: bool = False
+    """Starting, but waiting for GPUs or an engine slot that other engines hold."""
 
     @property
     def up_status(self) -> str:
@@ -80,6 +82,7 @@ class PoolStatus:
             "aliases": self.aliases,
             "backend": self.backend,
             "pinned": self.pinned,
+            "waiting_for_slot": self.waiting_for_slot,
         }
 
 
