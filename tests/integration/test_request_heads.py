@@ -272,3 +272,26 @@ def test_a_request_asking_to_upgrade_to_http2_is_served_as_http11() -> None:
         answers = _answers(_read_all(sock))
         assert [status for status, _ in answers] == [400], answers
         assert b"not valid JSON" in answers[0][1]
+
+
+def test_a_body_that_stops_arriving_is_cut_but_a_slow_steady_one_is_not() -> None:
+    """A client with a key that sent part of a body and then nothing (or vanished without
+    closing) held its connection for good: only the head had a time limit."""
+    config = CONFIG.replace("[gateway]\n", "[gateway]\nclient_body_seconds = 1\n")
+    with running_gateway(config) as gw:
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n")
+        stalled = _connect(gw.url)
+        stalled.sendall(head % (gw.api_key.encode(), 100) + b'{"model":')
+        started = time.monotonic()
+        answer = _read_all(stalled)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
+        assert time.monotonic() - started < 5
+
+        body = json.dumps({"model": "slow", "messages": [], "max_tokens": 2}).encode()
+        steady = _connect(gw.url)
+        steady.sendall(head % (gw.api_key.encode(), len(body)))
+        for byte in range(0, len(body), 8):  # 0.4 s apart: over 2 s in all, twice the limit
+            time.sleep(0.4)
+            steady.sendall(body[byte : byte + 8])
+        assert _answers(_read_all(steady))[0][0] == 200

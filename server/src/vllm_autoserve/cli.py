@@ -82,7 +82,9 @@ def serve(config: Config, *, host: str, port: int, keys: ApiKeys, log_level: str
         log_level=log_level,
         timeout_graceful_shutdown=math.ceil(config.gateway.drain_seconds),
         loop="auto",
-        http=bounded_http_protocol(config.gateway.client_header_seconds),
+        http=bounded_http_protocol(
+            config.gateway.client_header_seconds, config.gateway.client_body_seconds
+        ),
         # X-Forwarded-For is not trusted: the access line names the peer that connected.
         proxy_headers=False,
     )

@@ -61,6 +61,10 @@ class GatewaySettings(_Strict):
     client_header_seconds: PositiveSeconds = 30.0
     """A client has this long to send a request's headers (408 after), which may be 64 KiB.
     On Modal, Modal's own front takes the requests."""
+    client_body_seconds: PositiveSeconds = 60.0
+    """A request's body may pause this long between two reads (408 after; nginx's
+    ``client_body_timeout``): a client that stalls, or vanishes mid-upload without closing,
+    does not hold its connection for good. On Modal, Modal's own front takes the requests."""
     local_gpus: Annotated[int, Field(ge=0)] | None = None
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     max_engines: Annotated[int, Field(ge=1)] | None = None

@@ -103,16 +103,20 @@ class GatewayServer(uvicorn.Server):
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """Refuses a head still incomplete after ``MAX_HEAD_BYTES`` (431: checked per read, so a
     head that arrives whole in one read may be larger) or ``head_seconds`` after
-    its first byte (408), closes a connection that sends nothing for ``head_seconds``
-    after opening, or the rest of a body it answered early for as long, and serves a
-    request that asks for an upgrade to HTTP/2 as HTTP/1.1."""
+    its first byte (408), or a body that pauses for ``body_seconds`` (408), closes a
+    connection that sends nothing for ``head_seconds`` after opening, or the rest of a body
+    it answered early for as long, and serves a request that asks for an upgrade to HTTP/2
+    as HTTP/1.1."""
 
     head_seconds = 30.0
+    body_seconds = 60.0
 
     _head_started = False  # a request's head has begun and is not complete
     _in_body = False  # between a head's end and its message's end
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None  # armed while a body is incomplete
+    _body_read_at = 0.0  # loop time of the last read of an incomplete body
     _discarding = False  # a request was refused: nothing more is read on this connection
     _close_when_answered = False  # ... which closes once the answers due before it are out
 
@@ -122,6 +126,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -129,9 +135,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._in_body:
             self._feed(data)
+            if self._in_body:
+                self._body_read()
             return
         self._head_bytes += len(data)
         self._feed(data)
+        if self._in_body:  # a head whose body has not all arrived with it
+            self._body_read()
+            return
         if not self._head_started or self.transport.is_closing():
             return
         if self._head_bytes > MAX_HEAD_BYTES:
@@ -208,6 +219,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         request has a cycle of its own)."""
         if self.cycle is cycle and self._in_body and not self.transport.is_closing():
             self.transport.close()
+
+    def _body_read(self) -> None:
+        self._body_read_at = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_later(self.body_seconds, self._body_too_slow)
+
+    def _body_too_slow(self) -> None:
+        """Checked every ``body_seconds`` while a body is incomplete, not re-armed per read."""
+        self._body_timer = None
+        if not self._in_body or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:  # the app's pause (it has not read what came), not the client's
+            self._body_read_at = now
+        paused_for = now - self._body_read_at
+        if paused_for < self.body_seconds:
+            self._body_timer = self.loop.call_later(
+                self.body_seconds - paused_for, self._body_too_slow
+            )
+            return
+        self._refuse(RequestTimeout("the request's body stopped arriving"))
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -289,8 +321,9 @@ class _HeadAlreadyParsed:
         self._protocol.on_message_complete()
 
 
-def bounded_http_protocol(head_seconds: float) -> type[BoundedHttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)``, with its time limit set."""
-    return type(
-        "BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"head_seconds": head_seconds}
-    )
+def bounded_http_protocol(
+    head_seconds: float, body_seconds: float = 60.0
+) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class for ``uvicorn.Config(http=...)``, with its time limits set."""
+    limits = {"head_seconds": head_seconds, "body_seconds": body_seconds}
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), limits)
