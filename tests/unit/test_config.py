@@ -132,6 +132,11 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"gateway": {"gpu": 1}}, """'gpu' is a key of [defaults] or [models."NAME"]"""),
         ({"defaults": {"aliases": ["a"]}}, """'aliases' is a key of [models."NAME"]"""),
         ({"models": {"m": {"gpu": "H100!!"}}}, "models.m.gpu: 'H100!!' is not a GPU spec"),
+        (
+            {"gateway": {"max_engines": 1},
+             "models": {"p1": {"min_containers": 1}, "p2": {"min_containers": 1}}},
+            "gateway.max_engines = 1, but 2 models are pinned with min_containers (p1, p2)",
+        ),
     ],
 )
 def test_bad_config_names_the_key(data: dict[str, object], needle: str) -> None:

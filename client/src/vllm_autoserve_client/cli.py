@@ -134,7 +134,17 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
         out.print("No pools yet: no model is configured or has been asked for.")
         return
     table = Table(show_edge=False)
-    columns = ("model", "state", "since", "last request", "in flight", "engines", "gpus", "pinned")
+    columns = (
+        "model",
+        "state",
+        "since",
+        "last request",
+        "in flight",
+        "held",
+        "engines",
+        "gpus",
+        "pinned",
+    )
     for column in columns:
         table.add_column(column, no_wrap=True)
     # On a terminal the first line of an error is cut to fit; piped, it is whole.
@@ -148,6 +158,7 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
             _age(pool.get("since")),
             _age(pool.get("last_request")),
             str(pool.get("in_flight", 0)),
+            str(pool.get("held", 0)),
             str(pool.get("engines", 0)),
             ",".join(str(g) for g in gpus) or "-",
             "yes" if pool.get("pinned") else "-",

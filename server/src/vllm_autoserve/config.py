@@ -241,6 +241,24 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _pins_fit_max_engines(self) -> Config:
+        # A pinned engine is never stopped for another: one pin past the limit would wait
+        # for a slot for good, and every unpinned model with it.
+        limit = self.gateway.max_engines
+        pinned = [
+            name
+            for name in self.models
+            if self.model(name).min_containers and self.model(name).url is None
+        ]
+        if limit is not None and len(pinned) > limit:
+            raise ValueError(
+                f"gateway.max_engines = {limit}, but {len(pinned)} models are pinned with "
+                f"min_containers ({', '.join(pinned)}): pinned engines are never stopped to "
+                "make room, so raise max_engines or pin fewer"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gpus_fit_tensor_parallel(self) -> Config:
         # vLLM refuses a tensor-parallel size larger than the GPUs it sees: on Modal each such
         # start would pay for a GPU container and fail.

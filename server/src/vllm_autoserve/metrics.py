@@ -118,6 +118,12 @@ IN_FLIGHT = Gauge(
     ["model"],
     registry=REGISTRY,
 )
+HELD = Gauge(
+    "autoserve_requests_held",
+    "Requests (and /up calls) waiting for their model's engine to turn healthy.",
+    ["model"],
+    registry=REGISTRY,
+)
 
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
@@ -141,6 +147,7 @@ _PER_MODEL = (
     ENGINE_FAILURES,
     OPEN_STREAMS,
     IN_FLIGHT,
+    HELD,
 )
 
 

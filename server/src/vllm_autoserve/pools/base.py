@@ -109,6 +109,7 @@ class Pool(ABC):
         """Called when the last request in flight ends (GPU slots wait for idle engines)."""
         # Read when scraped: no gauge update per request.
         metrics.child(metrics.IN_FLIGHT, name).set_function(lambda: self._in_flight)
+        metrics.child(metrics.HELD, name).set_function(lambda: self._waiting)
 
     # -- what subclasses provide ----------------------------------------------------------
 
@@ -483,6 +484,7 @@ class Pool(ABC):
             since=self._since,
             last_request=self._last_request,
             in_flight=self._in_flight,
+            held=self._waiting,
             engines=self._engines(),
             gpus=self._gpus(),
             error=self._error,

@@ -52,6 +52,7 @@ class StaticPool(Pool):
         # What messages show: never credentials written into the URL.
         self.shown_url = str(URL(self.url).with_user(None))
         self._session = session
+        self._probe: asyncio.Task[None] | None = None
 
     async def _launch(self) -> Upstream:
         deadline = time.monotonic() + min(_REACH_SECONDS, self.startup_seconds / 2)
@@ -121,6 +122,8 @@ class StaticPool(Pool):
 
     async def _terminate(self, reason: StopReason | None) -> None:
         """Nothing to stop: the upstream is not ours."""
+        if self._probe is not None:
+            self._probe.cancel()
 
     def _engines(self) -> int:
         return 1 if self._state is PoolState.HEALTHY else 0
@@ -129,6 +132,18 @@ class StaticPool(Pool):
         return False
 
     def report_unreachable(self) -> None:
-        # Check its health again on the next request instead of failing every request.
-        if self._state is PoolState.HEALTHY:
-            self._move(PoolState.COLD, reason="upstream unreachable")
+        # One bad answer is the answer's business: the pool goes cold (its health checked
+        # again by the next request) only if the upstream's health check fails too.
+        if self._state is PoolState.HEALTHY and self._probe is None:
+            self._probe = asyncio.create_task(self._probe_upstream())
+
+    async def _probe_upstream(self) -> None:
+        try:
+            problem = await self._check()
+            if problem and self._state is PoolState.HEALTHY:
+                log.warning(
+                    "[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url)
+                )
+                self._move(PoolState.COLD, reason="upstream unreachable")
+        finally:
+            self._probe = None

@@ -51,6 +51,8 @@ class PoolStatus:
     last_request: float | None
     in_flight: int
     engines: int
+    held: int = 0
+    """Requests (and ``/up`` calls) waiting for the engine to turn healthy."""
     gpus: list[int] = field(default_factory=list)
     error: str | None = None
     aliases: list[str] = field(default_factory=list)
@@ -76,6 +78,7 @@ class PoolStatus:
             "since": self.since,
             "last_request": self.last_request,
             "in_flight": self.in_flight,
+            "held": self.held,
             "engines": self.engines,
             "gpus": self.gpus,
             "error": self.error,
