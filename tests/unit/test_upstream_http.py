@@ -427,3 +427,14 @@ async def test_an_upstream_that_closes_a_new_connection_at_once_is_an_upstream_e
         with pytest.raises(UpstreamError, match="closed the connection"):
             await pool.send(origin(server), POST)
         pool.close()
+
+
+async def test_an_idle_connection_is_closed_after_idle_seconds_without_more_traffic() -> None:
+    """Idle connections were closed only when another one was put back: after one request
+    and silence, an upstream that keeps connections open kept this one for good."""
+    pool = ConnectionPool(idle_seconds=0.2)
+    async with serving(keep_alive_ok) as server:
+        assert await whole_answer(pool, server) == b"hello"
+        assert not server.closed.is_set()
+        await asyncio.wait_for(server.closed.wait(), 2)
+    pool.close()

@@ -341,7 +341,7 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.idle_seconds = idle_seconds
         self._idle: dict[Origin, list[_Connection]] = {}
-        self._swept = 0.0
+        self._sweep: asyncio.TimerHandle | None = None  # due while any connection is idle
         self._tls = tls  # the system's trusted CAs unless given
 
     async def send(
@@ -402,11 +402,21 @@ class ConnectionPool:
         raise AssertionError("unreachable")
 
     def put_back(self, connection: _Connection) -> None:
-        now = time.monotonic()
         self._idle.setdefault(connection.origin, []).append(connection)
-        if now - self._swept > self.idle_seconds:
-            self._swept = now
-            self._close_idle_before(now - self.idle_seconds)
+        if self._sweep is None:
+            self._sweep = connection.loop.call_later(self.idle_seconds, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close the connections idle for ``idle_seconds``, and come back when the next one
+        will be: an upstream that keeps connections open longer is not left holding them."""
+        self._sweep = None
+        now = time.monotonic()
+        self._close_idle_before(now - self.idle_seconds)
+        oldest = [idle[0] for idle in self._idle.values() if idle]
+        if oldest:
+            first = min(oldest, key=lambda connection: connection.idle_since)
+            due = first.idle_since + self.idle_seconds - now
+            self._sweep = first.loop.call_later(max(due, 0.0) + 0.01, self._close_idle)
 
     def _close_idle_before(self, moment: float) -> None:
         """Close connections idle since before ``moment``. The list is in the order they were
@@ -421,6 +431,9 @@ class ConnectionPool:
             idle.remove(connection)
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
