@@ -357,6 +357,18 @@ def test_an_upstream_refusing_the_gateways_key_is_the_gateways_fault_not_the_cli
             assert "refused the gateway's credentials" in log  # and at the request
 
 
+def test_a_url_upstreams_key_can_come_from_the_environment() -> None:
+    """`api_key` had to be written into the file, which deploy.md ships with the Modal app."""
+    with standalone_fake_engine("--model", "m", env={"VLLM_API_KEY": "engine-key"}) as url:
+        cfg = f'[gateway]\nfailure_cooldown_seconds = 0\n[models."m"]\nurl = "{url}"\napi_key_env = "M_KEY"\n'
+        with running_gateway(cfg, env={"M_KEY": "engine-key"}) as gw, gw.client() as c:
+            assert c.post("/v1/chat/completions", json={"model": "m", **CHAT}).status_code == 200
+        with running_gateway(cfg) as gw, gw.client() as c:
+            refused = c.post("/v1/chat/completions", json={"model": "m", **CHAT})
+            assert refused.status_code == 503
+            assert "api_key_env names M_KEY, which is not set" in refused.json()["error"]["message"]
+
+
 def test_one_bad_answer_leaves_a_url_upstream_healthy_but_a_dead_one_goes_cold() -> None:
     """One malformed answer from a `url` upstream turned its pool cold while its other
     requests ran: /status said cold with requests in flight, and under a few bad answers

@@ -133,6 +133,14 @@ def test_env_merges_and_vllm_args_append() -> None:
         ({"defaults": {"aliases": ["a"]}}, """'aliases' is a key of [models."NAME"]"""),
         ({"models": {"m": {"gpu": "H100!!"}}}, "models.m.gpu: 'H100!!' is not a GPU spec"),
         (
+            {"models": {"u": {"url": "http://h", "api_key": "k", "api_key_env": "K"}}},
+            "'api_key' and 'api_key_env' exclude each other",
+        ),
+        (
+            {"models": {"u": {"url": "http://h", "api_key_env": "$KEY"}}},
+            "'api_key_env' must name an environment variable, not '$KEY'",
+        ),
+        (
             {"gateway": {"max_engines": 1},
              "models": {"p1": {"min_containers": 1}, "p2": {"min_containers": 1}}},
             "gateway.max_engines = 1, but 2 models are pinned with min_containers (p1, p2)",

@@ -25,6 +25,7 @@ MAX_MODEL_NAME = 256
 # starting with a letter or digit (so no leading '-' that could pass for a command-line option).
 _HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")  # a key sent in an HTTP header
 # A web origin as browsers send it: scheme://host[:port], nothing after.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
@@ -175,12 +176,33 @@ class ModelConfig(ModelSettings):
     """An upstream that is already running: routed to, never started or stopped."""
     api_key: str | None = None
     """Key the static upstream (``url``) expects, if any."""
+    api_key_env: str | None = None
+    """Instead of ``api_key``: the environment variable that holds it, read when the
+    upstream is first checked (keeps the key out of the file)."""
 
     @field_validator("api_key")
     @classmethod
     def _header_safe(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[\x21-\x7e]+", value):
+        if value is not None and not _HEADER_SAFE.fullmatch(value):
             raise ValueError("'api_key' must be printable ASCII without spaces")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"'api_key_env' must name an environment variable, not {value!r}")
+        return value
+
+    def upstream_api_key(self) -> str | None:
+        """``api_key``, or the value of ``api_key_env`` (ValueError if unset or unusable)."""
+        if self.api_key_env is None:
+            return self.api_key
+        value = os.environ.get(self.api_key_env)
+        if not value:
+            raise ValueError(f"api_key_env names {self.api_key_env}, which is not set")
+        if not _HEADER_SAFE.fullmatch(value):
+            raise ValueError(f"{self.api_key_env} must be printable ASCII without spaces")
         return value
 
     @field_validator("lora_modules")
@@ -205,6 +227,8 @@ class ModelConfig(ModelSettings):
             )
         if self.url is not None and not re.match(r"^https?://[^\s/]+", self.url):
             raise ValueError(f"'url' must be an http(s) URL, got {self.url!r}")
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("'api_key' and 'api_key_env' exclude each other")
         return self
 
 

@@ -55,13 +55,17 @@ class StaticPool(Pool):
         self._probe: asyncio.Task[None] | None = None
 
     async def _launch(self) -> Upstream:
+        try:
+            api_key = self.settings.upstream_api_key()
+        except ValueError as exc:
+            raise EngineFailed(f"[{self.name}] {exc}") from None
         deadline = time.monotonic() + min(_REACH_SECONDS, self.startup_seconds / 2)
         problem = "no answer"
         while time.monotonic() < deadline:
             problem = await self._check()
             if not problem:
-                await self._check_served()
-                return Upstream(url=self.url, api_key=self.settings.api_key)
+                await self._check_served(api_key)
+                return Upstream(url=self.url, api_key=api_key)
             await asyncio.sleep(0.25)
         # Its address stays in the gateway's log: the error reaches clients too.
         log.warning("[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url))
@@ -83,13 +87,11 @@ class StaticPool(Pool):
         except (aiohttp.ClientError, OSError) as exc:
             return str(exc) or type(exc).__name__
 
-    async def _check_served(self) -> None:
+    async def _check_served(self, api_key: str | None) -> None:
         """Warns when the upstream's model list shows that requests will be refused: its key
         is wrong, or it serves no model of this name (the name requests go upstream with).
         Its health check needs neither, so the pool turns healthy all the same."""
-        headers = (
-            {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
-        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
             async with self._session().get(
                 self.url + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
