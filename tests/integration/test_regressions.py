@@ -554,3 +554,39 @@ def test_an_engine_just_started_serves_the_requests_it_was_started_for_before_it
         assert log.count("[b] pool cold -> starting") == 2, log
         assert "[b] stopping idle [a] to make room for it" in log
         assert any(seen_waiting)  # /status said so, and how many waited, while b waited
+
+
+def test_a_steadily_busy_model_makes_way_for_another_at_the_engine_limit() -> None:
+    """With one engine slot, a model with requests always under way was never idle, so a
+    request for another model waited out hold_seconds and got a 503, however often retried."""
+    cfg = ("[gateway]\nlocal_gpus = 0\nmax_engines = 1\nhold_seconds = 30\n"
+           + fake_model("busy", "--response-delay", "0.05") + fake_model("other"))
+    with running_gateway(cfg) as gw:
+        assert httpx.post(gw.url + "/up", json={"model_path": "busy", "wait": 20},
+                          headers=gw.headers, timeout=30).json()["status"] == "healthy"
+        answers: list[int] = []
+        done = threading.Event()
+
+        def keep_busy() -> None:
+            with gw.client() as own:
+                while not done.is_set():
+                    answers.append(own.post("/v1/chat/completions",
+                                            json={"model": "busy", **CHAT}).status_code)
+
+        clients = [threading.Thread(target=keep_busy) for _ in range(4)]
+        for client in clients:
+            client.start()
+        try:
+            time.sleep(1.5)  # busy has served longer than its start took
+            with gw.client() as c:
+                other = c.post("/v1/chat/completions", json={"model": "other", **CHAT})
+            assert other.status_code == 200, other.text
+            time.sleep(1.5)  # and busy's requests, held meanwhile, are served again after
+        finally:
+            done.set()
+            for client in clients:
+                client.join()
+        assert set(answers) == {200}
+        log = gw.log()
+        assert "[busy] takes no new requests: it makes way for another model's engine" in log
+        assert log.count("[busy] pool cold -> starting") == 2, log

@@ -70,7 +70,7 @@ class GatewaySettings(_Strict):
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     max_engines: Annotated[int, Field(ge=1)] | None = None
     """Local engines running or starting at once; when full, an idle one is stopped to make
-    room (least recently used first), else the start waits. Unset: as many as GPUs allow;
+    room (least recently used first), else the busy one serving longest makes way. Unset: as many as GPUs allow;
     on a host without GPUs, 3 (as Ollama loads at most 3 models on CPU), or the number of
     pinned models if that is more."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []

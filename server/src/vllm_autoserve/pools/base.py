@@ -105,6 +105,7 @@ class Pool(ABC):
         self._cut: asyncio.Future[None] | None = None  # see ``stopped``
         self._restart_after_stop = False
         self._closing = False  # the gateway is shutting down: no engine is started any more
+        self._making_way = False  # for another model's start: new requests wait (``make_way``)
         self.on_idle: Callable[[], None] | None = None
         """Called when the last request in flight ends (GPU slots wait for idle engines)."""
         # Read when scraped: no gauge update per request.
@@ -183,6 +184,7 @@ class Pool(ABC):
             self._failed_starts = 0
         if new is not PoolState.HEALTHY:
             self._upstream = None
+            self._making_way = False
         metrics.set_pool_state(self.name, new.value)
         level = logging.WARNING if new is PoolState.FAILED else logging.INFO
         summary = _summary(error)
@@ -199,6 +201,10 @@ class Pool(ABC):
             f": {summary}" if summary else "",
             extra={"fields": fields},
         )
+        self._notify_waiters()
+
+    def _notify_waiters(self) -> None:
+        """Whoever waits for a change looks at the pool again."""
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -222,8 +228,7 @@ class Pool(ABC):
     def refuse_starts(self) -> None:
         """From now on start nothing: the gateway is shutting down (``Pools.refuse_starts``)."""
         self._closing = True
-        self._changed.set()  # wake waiting requests, so that they give up
-        self._changed = asyncio.Event()
+        self._notify_waiters()  # so that they give up
 
     def _kick(self, reason: str) -> None:
         """Start an engine if none is running or starting (single flight)."""
@@ -300,7 +305,7 @@ class Pool(ABC):
         with the engine's error. When ``/down`` stops the pool meanwhile: ``ModelStopped``;
         past ``timeout``: ``ModelNotReady``.
         """
-        if self._state is PoolState.HEALTHY and self._upstream is not None:
+        if self._state is PoolState.HEALTHY and self._upstream is not None and not self._making_way:
             return self._upstream  # (``lease`` notes the request)
         self._last_request = time.time()  # one that waits, and may fail, counts too
         deadline = time.monotonic() + timeout
@@ -308,7 +313,7 @@ class Pool(ABC):
         saw_start = False
         while True:
             state = self._state
-            if state is PoolState.HEALTHY and self._upstream is not None:
+            if state is PoolState.HEALTHY and self._upstream is not None and not self._making_way:
                 return self._upstream
             if self._closing:
                 raise ShuttingDown()

@@ -35,6 +35,9 @@ ENGINE_HOST = "127.0.0.1"
 CPU_HOST_MAX_ENGINES = 3  # [gateway] max_engines when unset, on a host without GPUs
 _PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
 _FRESH_SECONDS = 1.0  # an engine just turned healthy is not evicted for another's start
+# A start may be evicted for another once nobody has asked for its model this long: longer
+# than a client retrying a 503 (Retry-After at most 30 s) or polling /up leaves between asks.
+_ABANDONED_START_SECONDS = 60.0
 
 
 def _engine_python(settings: ModelConfig) -> tuple[str, bool]:
@@ -116,7 +119,11 @@ class LocalPool(Pool):
         count = self.settings.gpu_count()
         self._awaiting_slot = True  # stays so if the startup deadline cuts the wait short
         devices = await self._slots.acquire(
-            self.name, count, self._neighbours, shown_as=self.shown_name
+            self.name,
+            count,
+            self._neighbours,
+            shown_as=self.shown_name,
+            wanted=lambda: self._waiting > 0 or self._pinned,
         )
         self._awaiting_slot = False
         port = free_port(ENGINE_HOST)
@@ -193,6 +200,11 @@ class LocalPool(Pool):
         return self._awaiting_slot and self._state is PoolState.STARTING
 
     def _progress(self) -> str:
+        if self._making_way:
+            return (
+                "is finishing its requests under way to make way for another model's engine "
+                "(all engine slots are in use); it starts again after"
+            )
         if self._awaiting_slot:
             return (
                 "is waiting for GPUs or an engine slot ([gateway] max_engines), which busy or "
@@ -219,18 +231,54 @@ class LocalPool(Pool):
     # -- SlotHolder -----------------------------------------------------------------------
 
     def evictable_since(self) -> float | None:
-        if (
-            self._state is PoolState.HEALTHY
-            and self._in_flight == 0
-            and not self._pinned  # kept warm until /down, for other models' starts too
-            and self._slots.holds(self.name)
+        if self._pinned or not self._slots.holds(self.name):  # pinned: kept until /down
+            return None
+        if self._state is PoolState.HEALTHY and self._in_flight == 0:
             # Not before the requests it was started for are under way: they wait until
             # they see it healthy, and take their lease a moment after.
+            fresh = time.monotonic() - self._healthy_since < _FRESH_SECONDS
+            if self._making_way or (self._waiting == 0 and not fresh):
+                return self.last_active
+        if (
+            self._state is PoolState.STARTING
             and self._waiting == 0
-            and time.monotonic() - self._healthy_since >= _FRESH_SECONDS
+            and time.monotonic() - self.last_active >= _ABANDONED_START_SECONDS
         ):
-            return self.last_active
+            return self.last_active  # a start nobody has waited for in a while
         return None
+
+    def make_way_since(self) -> float | None:
+        """When it turned healthy, if it may be asked to make way for another model's start:
+        not pinned, and healthy for as long as its own start took at least (so that two busy
+        models sharing a slot spend at most half of the time starting)."""
+        if (
+            self._state is not PoolState.HEALTHY
+            or self._pinned
+            or self._making_way
+            or not self._slots.holds(self.name)
+        ):
+            return None
+        served = time.monotonic() - self._healthy_since
+        if served < max(_FRESH_SECONDS, self._healthy_since - self._starting_since):
+            return None
+        return self._healthy_since
+
+    def make_way(self, on: bool) -> None:
+        """Take no new requests (they wait) until those under way are answered and another
+        start evicts the engine; ``False``: take them again (that start got its slot or gave
+        up first)."""
+        if on == self._making_way or (on and self._state is not PoolState.HEALTHY):
+            return
+        self._making_way = on
+        if on:
+            log.info(
+                "[%s] takes no new requests: it makes way for another model's engine once its "
+                "%d under way are answered",
+                self.name,
+                self._in_flight,
+            )
+        else:
+            self._notify_waiters()
 
     def evict(self) -> asyncio.Future[object]:
         return asyncio.ensure_future(self.down(StopReason.EVICTED))

@@ -2,9 +2,12 @@
 which GPU indices each holds (``CUDA_VISIBLE_DEVICES``).
 
 A model needing N GPUs takes N free indices, and a slot when engines are counted. When too
-few are free, idle engines (healthy, no request in flight, not pinned) are stopped
-least-recently-used first; if none is idle the start waits until one is released (the held
-request gets its 503 at the hold deadline meanwhile).
+few are free, idle engines (healthy, no request in flight, not pinned; or starting with no
+request waiting for them) are stopped least-recently-used first. If none is idle, the busy
+engine serving longest makes way: it takes no new requests (they wait, as for a cold
+start), and is stopped once those under way are answered, as llama-swap and Ollama swap
+models. An engine makes way only after serving as long as its own start took, so that two
+busy models sharing one slot spend at most half of the time starting.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ class SlotHolder(Protocol):
 
     def evict(self) -> Awaitable[object]:
         """Stop the engine, releasing its slot and GPUs."""
+
+    def make_way_since(self) -> float | None:
+        """Monotonic time it turned healthy if it may be asked to make way, else None."""
+
+    def make_way(self, on: bool) -> None:
+        """Hold new requests until the engine is evicted (``False``: serve them again)."""
 
 
 def detect_gpus(configured: int | None) -> list[int]:
@@ -89,9 +98,11 @@ class EngineSlots:
         count: int,
         holders: Callable[[], Sequence[SlotHolder]],
         shown_as: str | None = None,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> list[int]:
         """Take a slot and ``count`` devices for ``name``, evicting idle engines or waiting
-        if needed; ``shown_as`` names the model in an error (default: ``name``)."""
+        if needed; ``shown_as`` names the model in an error (default: ``name``). A busy
+        engine is asked to make way only while ``wanted()`` (someone waits for this start)."""
         if not self.hands_out_gpus:
             count = 0  # a host without GPUs runs engines on none
         if count == 0 and self.max_engines is None:
@@ -102,32 +113,55 @@ class EngineSlots:
                 f"(devices {self.devices})"
             )
         said_so = False
-        while True:
-            free = self._free()
-            if len(free) >= count and self._room():
-                self._held[name] = free[:count]
-                return free[:count]
-            idle = [
-                (since, holder)
-                for holder in holders()
-                if holder.name != name and (since := holder.evictable_since()) is not None
-            ]
-            if idle:
-                _, lru = min(idle, key=lambda pair: pair[0])
-                log.info("[%s] stopping idle [%s] to make room for it", name, lru.name)
-                await lru.evict()
-                continue
-            if not said_so:
-                said_so = True
-                log.info(
-                    "[%s] waiting for GPUs or an engine slot, held by: %s",
-                    name,
-                    ", ".join(f"[{holder}]" for holder in self._held) or "-",
-                )
-            # Wait for a release, or for a holder to go idle (then it can be evicted).
-            self._released.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), _RESCAN_SECONDS)
+        making_way: SlotHolder | None = None  # a busy engine asked to make way for this one
+        try:
+            while True:
+                free = self._free()
+                if len(free) >= count and self._room():
+                    self._held[name] = free[:count]
+                    return free[:count]
+                if making_way is not None and not self.holds(making_way.name):
+                    making_way = None  # evicted (or stopped): another may be needed still
+                elif making_way is not None and not wanted():
+                    making_way.make_way(False)  # whoever waited for this start gave up
+                    making_way = None
+                if await self._evict_an_idle_one(name, holders()):
+                    continue
+                if making_way is None and wanted():
+                    # None is idle: the one serving longest stops taking requests, so that
+                    # a steadily busy model cannot keep this one from ever starting.
+                    making_way = _longest_serving(name, holders())
+                    if making_way is not None:
+                        making_way.make_way(True)
+                        continue
+                if not said_so:
+                    said_so = True
+                    log.info(
+                        "[%s] waiting for GPUs or an engine slot, held by: %s",
+                        name,
+                        ", ".join(f"[{holder}]" for holder in self._held) or "-",
+                    )
+                # Wait for a release, or for a holder to go idle (then it can be evicted).
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), _RESCAN_SECONDS)
+        finally:
+            if making_way is not None:
+                making_way.make_way(False)  # this start gave up, or got its slot elsewhere
+
+    async def _evict_an_idle_one(self, name: str, holders: Sequence[SlotHolder]) -> bool:
+        """Stop the least recently used idle engine other than ``name``'s, if there is one."""
+        idle = [
+            (since, holder)
+            for holder in holders
+            if holder.name != name and (since := holder.evictable_since()) is not None
+        ]
+        if not idle:
+            return False
+        _, lru = min(idle, key=lambda pair: pair[0])
+        log.info("[%s] stopping idle [%s] to make room for it", name, lru.name)
+        await lru.evict()
+        return True
 
     def wake(self) -> None:
         """A holder went idle: starts waiting for GPUs look again."""
@@ -136,3 +170,13 @@ class EngineSlots:
     def release(self, name: str) -> None:
         if self._held.pop(name, None) is not None:
             self._released.set()
+
+
+def _longest_serving(name: str, holders: Sequence[SlotHolder]) -> SlotHolder | None:
+    """The engine other than ``name``'s that may make way and has served longest."""
+    busy = [
+        (since, holder)
+        for holder in holders
+        if holder.name != name and (since := holder.make_way_since()) is not None
+    ]
+    return min(busy, key=lambda pair: pair[0])[1] if busy else None
