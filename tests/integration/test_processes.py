@@ -329,9 +329,11 @@ def test_a_second_ctrl_c_skips_the_drain_but_still_stops_engines(tmp_path: Path)
     with running_gateway(cfg) as gw, gw.client() as c:
         assert c.post("/up", json={"model_path": "m", "wait": 15}).json()["status"] == "healthy"
 
+        chunks: list[bytes] = []
+
         def read_until_cut() -> None:
             with contextlib.suppress(httpx.HTTPError):
-                _stream_chat(gw, "m", [])
+                _stream_chat(gw, "m", chunks)
 
         reader = threading.Thread(target=read_until_cut)
         reader.start()
@@ -341,6 +343,8 @@ def test_a_second_ctrl_c_skips_the_drain_but_still_stops_engines(tmp_path: Path)
         gw.process.send_signal(signal.SIGINT)  # a second Ctrl-C: no more waiting
         assert gw.process.wait(20) == 130
         reader.join(20)
+        # The stream is told why it ends, as at the end of a drain (it was cut bare).
+        assert b'"code":"gateway_shutting_down"' in b"".join(chunks)
         log = gw.log()
         assert "pool healthy -> stopping" in log and "Traceback" not in log
         wait_for(lambda: not alive(engine_pids(pid_file)), timeout=15)

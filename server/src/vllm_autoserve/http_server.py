@@ -35,6 +35,8 @@ MAX_HEAD_BYTES = 64 * 1024
 # A second SIGINT sooner than this after the first is the same Ctrl-C, delivered twice:
 # `uv run` passes on to its child the signal that their process group got already.
 _SAME_SIGNAL_SECONDS = 0.5
+# After a second Ctrl-C, what requests under way get to write their last words in.
+_LAST_WORDS_SECONDS = 0.1
 
 
 class GatewayServer(uvicorn.Server):
@@ -88,6 +90,15 @@ class GatewayServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._cut_connections)
 
     def _cut_connections(self) -> None:
+        # The requests under way are cancelled first, and answer as at the end of a drain
+        # (a stream with its error event, not a bare cut); a moment later, whatever is left
+        # is cut.
+        for task in list(self.server_state.tasks):
+            task.cancel()
+        assert self._loop is not None
+        self._loop.call_later(_LAST_WORDS_SECONDS, self._abort_connections)
+
+    def _abort_connections(self) -> None:
         for connection in list(self.server_state.connections):
             transport = getattr(connection, "transport", None)
             if transport is not None:
