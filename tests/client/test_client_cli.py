@@ -103,15 +103,18 @@ def test_status_table(gateway: FakeGateway, capsys: pytest.CaptureFixture[str]) 
 def test_status_says_which_starts_wait_for_a_slot_and_which_models_are_pinned(
     gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gateway.pools = [pool_json("queued-model", "starting"), pool_json("pinned-model", "healthy")]
+    gateway.pools = [pool_json("queued-model", "starting"), pool_json("pinned-model", "healthy"),
+                     pool_json("leaving-model", "healthy")]
     gateway.pools[0]["waiting_for_slot"] = True
     gateway.pools[1]["pinned"] = True
+    gateway.pools[2]["making_way"] = True
     status, out, err = run(capsys, "status")
     assert status == 0, err
     queued = next(line for line in out.splitlines() if "queued-model" in line)
     pinned = next(line for line in out.splitlines() if "pinned-model" in line)
     assert "starting (waiting for a slot)" in queued and "yes" not in queued
     assert "waiting" not in pinned and "yes" in pinned
+    assert "healthy (making way)" in next(line for line in out.splitlines() if "leaving" in line)
 
 
 def test_status_piped_keeps_whole_names_on_one_line_each(

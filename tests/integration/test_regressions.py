@@ -552,7 +552,7 @@ def test_an_engine_just_started_serves_the_requests_it_was_started_for_before_it
         # One start per model and round, never one more.
         assert log.count("[a] pool cold -> starting") == 2, log
         assert log.count("[b] pool cold -> starting") == 2, log
-        assert "[b] stopping idle [a] to make room for it" in log
+        assert "[b] stopping unused [a] to make room for it" in log
         assert any(seen_waiting)  # /status said so, and how many waited, while b waited
 
 
@@ -590,3 +590,34 @@ def test_a_steadily_busy_model_makes_way_for_another_at_the_engine_limit() -> No
         log = gw.log()
         assert "[busy] takes no new requests: it makes way for another model's engine" in log
         assert log.count("[busy] pool cold -> starting") == 2, log
+
+
+def test_an_engine_making_way_is_shown_serves_again_once_pinned_and_lets_its_held_go() -> None:
+    """An engine asked to make way stayed so once pinned (its requests held, /up saying
+    healthy), and a request held for it was not watched for its client leaving."""
+    cfg = ("[gateway]\nlocal_gpus = 0\nmax_engines = 1\nhold_seconds = 4\n"
+           + fake_model("a", "--response-delay", "3") + fake_model("b"))
+    with running_gateway(cfg) as gw, gw.client() as c:
+        assert c.post("/up", json={"model_path": "a", "wait": 10}).json()["status"] == "healthy"
+        time.sleep(1)  # a has served as long as its start took
+        busy = threading.Thread(target=lambda: httpx.post(
+            gw.url + "/v1/chat/completions", json={"model": "a", **CHAT}, headers=gw.headers,
+            timeout=30))
+        busy.start()
+        time.sleep(0.3)
+        waiting_b = threading.Thread(target=lambda: httpx.post(
+            gw.url + "/v1/chat/completions", json={"model": "b", **CHAT}, headers=gw.headers,
+            timeout=30))
+        waiting_b.start()
+        wait_for(lambda: gw.status()["a"]["making_way"], timeout=5)
+        with pytest.raises(httpx.ReadTimeout):  # held, and the client gives up
+            httpx.post(gw.url + "/v1/chat/completions", json={"model": "a", **CHAT},
+                       headers=gw.headers, timeout=0.5)
+        wait_for(lambda: gw.status()["a"]["held"] == 0, timeout=1)  # noticed at once
+        pinned = c.post("/up", json={"model_path": "a", "min_containers": 1}).json()
+        assert pinned["pinned"] and not pinned["making_way"]
+        # Served, not held until hold_seconds (a 503).
+        assert c.post("/v1/chat/completions", json={"model": "a", **CHAT}).status_code == 200
+        busy.join()
+        waiting_b.join()
+

@@ -105,11 +105,13 @@ def _age(epoch: object) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def _state(value: object, waiting_for_slot: object = False) -> Text:
+def _state(value: object, waiting_for_slot: object = False, making_way: object = False) -> Text:
     state = str(value or "-")
     style = _STATE_STYLES.get(state, "")
     if waiting_for_slot:
         state += " (waiting for a slot)"
+    elif making_way:
+        state += " (making way)"
     return Text(state, style=style)
 
 
@@ -154,7 +156,11 @@ def _status(args: argparse.Namespace, out: Console, err: Console) -> None:
         gpus = pool.get("gpus") or []
         table.add_row(
             Text(str(pool.get("model", "?"))),
-            _state(pool.get("state") or pool.get("status"), pool.get("waiting_for_slot")),
+            _state(
+                pool.get("state") or pool.get("status"),
+                pool.get("waiting_for_slot"),
+                pool.get("making_way"),
+            ),
             _age(pool.get("since")),
             _age(pool.get("last_request")),
             str(pool.get("in_flight", 0)),

@@ -212,7 +212,7 @@ class PassThrough:
     async def _hold(self, pool: Pool, watch: DisconnectWatch) -> Upstream | None:
         """The pool's upstream, holding the request while it starts; None if the client left."""
         hold = self.config.gateway.hold_seconds
-        if pool.state is PoolState.HEALTHY:
+        if pool.ready:
             return await pool.ensure_ready(hold)
         watch.start()
         ready = asyncio.create_task(pool.ensure_ready(hold))

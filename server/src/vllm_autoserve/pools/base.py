@@ -98,6 +98,7 @@ class Pool(ABC):
         self.last_active = time.monotonic()
         """When a request or call last asked for this pool (``time.monotonic``)."""
         self._starting_since = 0.0
+        self._launched_at = 0.0  # when the engine's launch began (after any wait for a slot)
         self._pinned = False
         self._downs = 0  # explicit /down calls: requests held across one give up
         self._stop_task: asyncio.Task[None] | None = None
@@ -149,6 +150,16 @@ class Pool(ABC):
         return self._state
 
     @property
+    def ready(self) -> bool:
+        """Healthy and taking requests: ``ensure_ready`` answers at once."""
+        return self._ready_upstream() is not None
+
+    def _ready_upstream(self) -> Upstream | None:
+        if self._state is PoolState.HEALTHY and not self._making_way:
+            return self._upstream
+        return None
+
+    @property
     def upstream(self) -> Upstream | None:
         """Where requests go while healthy."""
         return self._upstream
@@ -170,12 +181,12 @@ class Pool(ABC):
             self._failed_starts = self._failed_starts + 1 if backs_off else 0
             metrics.ENGINE_FAILURES.labels(self.name).inc()
         elif new is PoolState.STARTING:
-            self._starting_since = time.monotonic()
+            self._starting_since = self._launched_at = time.monotonic()
             metrics.ENGINE_STARTS.labels(self.name).inc()
         elif new is PoolState.HEALTHY:
             self._error = None
             self._healthy_since = time.monotonic()
-            took = self._healthy_since - self._starting_since
+            took = self._healthy_since - self._launched_at
             metrics.COLD_START_SECONDS.labels(self.name).observe(took)
             fields["start_seconds"] = round(took, 2)
         elif new is PoolState.COLD:
@@ -293,6 +304,7 @@ class Pool(ABC):
                 await asyncio.wait_for(changed.wait(), timeout)
         finally:
             self._waiting -= 1
+            self.last_active = time.monotonic()  # asked for until now, not only when asked
 
     # -- the ways in ----------------------------------------------------------------------
 
@@ -305,16 +317,18 @@ class Pool(ABC):
         with the engine's error. When ``/down`` stops the pool meanwhile: ``ModelStopped``;
         past ``timeout``: ``ModelNotReady``.
         """
-        if self._state is PoolState.HEALTHY and self._upstream is not None and not self._making_way:
-            return self._upstream  # (``lease`` notes the request)
+        upstream = self._ready_upstream()
+        if upstream is not None:
+            return upstream  # (``lease`` notes the request)
         self._last_request = time.time()  # one that waits, and may fail, counts too
         deadline = time.monotonic() + timeout
         downs = self._downs
         saw_start = False
         while True:
+            upstream = self._ready_upstream()
+            if upstream is not None:
+                return upstream
             state = self._state
-            if state is PoolState.HEALTHY and self._upstream is not None and not self._making_way:
-                return self._upstream
             if self._closing:
                 raise ShuttingDown()
             if self._downs != downs or self._stopping_for_down():
@@ -386,7 +400,7 @@ class Pool(ABC):
         else:
             self._kick("up")  # starts a cold pool, or a failed one past its cooldown
         deadline = time.monotonic() + wait
-        while self._state not in (PoolState.HEALTHY, PoolState.FAILED):
+        while not self.ready and self._state is not PoolState.FAILED:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -453,6 +467,9 @@ class Pool(ABC):
         """Keep ``count`` engines warm whatever the traffic (0 unpins). Locally one engine
         is all a pool has: pinned, it is never stopped for being idle, only by ``/down``."""
         self._pinned = count > 0
+        if self._pinned and self._making_way:  # a pinned engine never makes way
+            self._making_way = False
+            self._notify_waiters()
         if not self._pinned and self._in_flight == 0 and self.on_idle is not None:
             self.on_idle()  # a start waiting for GPUs may take this engine's now
 
@@ -497,4 +514,5 @@ class Pool(ABC):
             backend=self.backend,
             pinned=self._pinned,
             waiting_for_slot=self._waiting_for_slot(),
+            making_way=self._making_way,
         )

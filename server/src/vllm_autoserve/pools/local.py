@@ -34,9 +34,10 @@ log = logging.getLogger("vllm_autoserve.pools")
 ENGINE_HOST = "127.0.0.1"
 CPU_HOST_MAX_ENGINES = 3  # [gateway] max_engines when unset, on a host without GPUs
 _PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
-_FRESH_SECONDS = 1.0  # an engine just turned healthy is not evicted for another's start
-# A start may be evicted for another once nobody has asked for its model this long: longer
-# than a client retrying a 503 (Retry-After at most 30 s) or polling /up leaves between asks.
+_FRESH_SECONDS = 1.0  # the least an engine serves before it is stopped for another's start
+# A model nobody has asked for this long is no longer wanted: its start may be evicted, and
+# stops nothing. Longer than a client retrying a 503 (Retry-After at most 30 s) or polling
+# /up leaves between asks.
 _ABANDONED_START_SECONDS = 60.0
 
 
@@ -119,13 +120,10 @@ class LocalPool(Pool):
         count = self.settings.gpu_count()
         self._awaiting_slot = True  # stays so if the startup deadline cuts the wait short
         devices = await self._slots.acquire(
-            self.name,
-            count,
-            self._neighbours,
-            shown_as=self.shown_name,
-            wanted=lambda: self._waiting > 0 or self._pinned,
+            self.name, count, self._neighbours, shown_as=self.shown_name, wanted=self._wanted
         )
         self._awaiting_slot = False
+        self._launched_at = time.monotonic()  # its start's own time begins
         port = free_port(ENGINE_HOST)
         api_key = secrets.token_urlsafe(24)
         argv, extra_env = self._argv(port)
@@ -230,36 +228,48 @@ class LocalPool(Pool):
 
     # -- SlotHolder -----------------------------------------------------------------------
 
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    @property
+    def making_way(self) -> bool:
+        return self._making_way
+
+    def _wanted(self) -> bool:
+        """Whether someone waits for this model, or asked for it lately (a client sleeping
+        out a 503's Retry-After): its start may have others stopped for it."""
+        recent = time.monotonic() - self.last_active < _ABANDONED_START_SECONDS
+        return self._pinned or self._waiting > 0 or recent
+
+    def _served_its_turn(self) -> bool:
+        """Healthy for as long as its own launch took at least (and a second): until then
+        nothing stops it for another model, so that two busy models sharing a slot spend at
+        most half of the time starting, and the requests it was started for (which take a
+        moment to see it healthy, and clients that come back) are served."""
+        launch = self._healthy_since - self._launched_at
+        return time.monotonic() - self._healthy_since >= max(_FRESH_SECONDS, launch)
+
     def evictable_since(self) -> float | None:
         if self._pinned or not self._slots.holds(self.name):  # pinned: kept until /down
             return None
         if self._state is PoolState.HEALTHY and self._in_flight == 0:
-            # Not before the requests it was started for are under way: they wait until
-            # they see it healthy, and take their lease a moment after.
-            fresh = time.monotonic() - self._healthy_since < _FRESH_SECONDS
-            if self._making_way or (self._waiting == 0 and not fresh):
+            if self._making_way or (self._waiting == 0 and self._served_its_turn()):
                 return self.last_active
-        if (
-            self._state is PoolState.STARTING
-            and self._waiting == 0
-            and time.monotonic() - self.last_active >= _ABANDONED_START_SECONDS
-        ):
+        if self._state is PoolState.STARTING and not self._wanted():
             return self.last_active  # a start nobody has waited for in a while
         return None
 
     def make_way_since(self) -> float | None:
         """When it turned healthy, if it may be asked to make way for another model's start:
-        not pinned, and healthy for as long as its own start took at least (so that two busy
-        models sharing a slot spend at most half of the time starting)."""
+        not pinned, and its turn served."""
         if (
             self._state is not PoolState.HEALTHY
             or self._pinned
             or self._making_way
             or not self._slots.holds(self.name)
+            or not self._served_its_turn()
         ):
-            return None
-        served = time.monotonic() - self._healthy_since
-        if served < max(_FRESH_SECONDS, self._healthy_since - self._starting_since):
             return None
         return self._healthy_since
 
@@ -267,7 +277,9 @@ class LocalPool(Pool):
         """Take no new requests (they wait) until those under way are answered and another
         start evicts the engine; ``False``: take them again (that start got its slot or gave
         up first)."""
-        if on == self._making_way or (on and self._state is not PoolState.HEALTHY):
+        if on == self._making_way or (
+            on and (self._state is not PoolState.HEALTHY or self._pinned)
+        ):
             return
         self._making_way = on
         if on:

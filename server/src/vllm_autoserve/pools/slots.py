@@ -2,12 +2,13 @@
 which GPU indices each holds (``CUDA_VISIBLE_DEVICES``).
 
 A model needing N GPUs takes N free indices, and a slot when engines are counted. When too
-few are free, idle engines (healthy, no request in flight, not pinned; or starting with no
-request waiting for them) are stopped least-recently-used first. If none is idle, the busy
-engine serving longest makes way: it takes no new requests (they wait, as for a cold
-start), and is stopped once those under way are answered, as llama-swap and Ollama swap
-models. An engine makes way only after serving as long as its own start took, so that two
-busy models sharing one slot spend at most half of the time starting.
+few are free, idle engines (healthy, no request in flight, not pinned; or starting for
+nobody) are stopped least-recently-used first. If none is idle, the busy engine serving
+longest makes way: it takes no new requests (they wait, as for a cold start), and is
+stopped once those under way are answered, as llama-swap and Ollama swap models. No engine
+is stopped for another before it has served as long as its own launch took, so that two
+busy models sharing one slot spend at most half of the time starting. Starts take what is
+freed in the order they came (``_turn_of``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..engine import EngineFailed
@@ -32,6 +34,14 @@ _RESCAN_SECONDS = 1.0
 class SlotHolder(Protocol):
     name: str
 
+    @property
+    def pinned(self) -> bool:
+        """Kept until ``/down``: never evicted, never asked to make way."""
+
+    @property
+    def making_way(self) -> bool:
+        """Taking no new requests until it is evicted (``make_way``)."""
+
     def evictable_since(self) -> float | None:
         """Monotonic time of last activity if idle and holding a slot, else None."""
 
@@ -43,6 +53,15 @@ class SlotHolder(Protocol):
 
     def make_way(self, on: bool) -> None:
         """Hold new requests until the engine is evicted (``False``: serve them again)."""
+
+
+@dataclass(eq=False)
+class _Start:
+    """A start waiting for its slot and devices."""
+
+    name: str
+    count: int
+    wanted: Callable[[], bool]
 
 
 def detect_gpus(configured: int | None) -> list[int]:
@@ -73,6 +92,7 @@ class EngineSlots:
         self.max_engines = max_engines
         self._held: dict[str, list[int]] = {}  # engine → its GPUs (none on a host without)
         self._released = asyncio.Event()
+        self._waiting: list[_Start] = []  # in the order they came
 
     @property
     def hands_out_gpus(self) -> bool:
@@ -101,8 +121,8 @@ class EngineSlots:
         wanted: Callable[[], bool] = lambda: True,
     ) -> list[int]:
         """Take a slot and ``count`` devices for ``name``, evicting idle engines or waiting
-        if needed; ``shown_as`` names the model in an error (default: ``name``). A busy
-        engine is asked to make way only while ``wanted()`` (someone waits for this start)."""
+        if needed; ``shown_as`` names the model in an error (default: ``name``). Other
+        engines are stopped for it only while ``wanted()`` (someone waits for this start)."""
         if not self.hands_out_gpus:
             count = 0  # a host without GPUs runs engines on none
         if count == 0 and self.max_engines is None:
@@ -112,22 +132,30 @@ class EngineSlots:
                 f"[{shown_as or name}] needs {count} GPUs but this host has {len(self.devices)} "
                 f"(devices {self.devices})"
             )
+        start = _Start(name, count, wanted)
+        self._waiting.append(start)
         said_so = False
         making_way: SlotHolder | None = None  # a busy engine asked to make way for this one
         try:
             while True:
+                turn = self._turn_of(start, holders())
                 free = self._free()
-                if len(free) >= count and self._room():
+                if turn and len(free) >= count and self._room():
                     self._held[name] = free[:count]
                     return free[:count]
-                if making_way is not None and not self.holds(making_way.name):
-                    making_way = None  # evicted (or stopped): another may be needed still
-                elif making_way is not None and not wanted():
+                if making_way is not None and not (
+                    making_way.making_way and self.holds(making_way.name)
+                ):
+                    making_way = None  # evicted, or pinned since: another may be needed
+                elif making_way is not None and not (turn and wanted()):
                     making_way.make_way(False)  # whoever waited for this start gave up
                     making_way = None
-                if await self._evict_an_idle_one(name, holders()):
+                # Nothing is stopped for a start that could not take its place: pinned
+                # engines hold too much of what it needs.
+                turn = turn and self._feasible(count, holders())
+                if turn and wanted() and await self._evict_an_idle_one(name, holders()):
                     continue
-                if making_way is None and wanted():
+                if turn and making_way is None and wanted():
                     # None is idle: the one serving longest stops taking requests, so that
                     # a steadily busy model cannot keep this one from ever starting.
                     making_way = _longest_serving(name, holders())
@@ -146,8 +174,25 @@ class EngineSlots:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._released.wait(), _RESCAN_SECONDS)
         finally:
+            self._waiting.remove(start)
+            self._released.set()  # the next in line looks again
             if making_way is not None:
                 making_way.make_way(False)  # this start gave up, or got its slot elsewhere
+
+    def _turn_of(self, start: _Start, holders: Sequence[SlotHolder]) -> bool:
+        """Whether ``start`` may take what is freed: the first of the starts someone waits
+        for and that can be met without pinned engines' devices (so that what a start had
+        evicted for it is not taken by the evicted engine's own restart), else any."""
+        served = [s for s in self._waiting if s.wanted() and self._feasible(s.count, holders)]
+        return not served or served[0] is start
+
+    def _feasible(self, count: int, holders: Sequence[SlotHolder]) -> bool:
+        """Whether evicting every engine that is not pinned would make room for ``count``."""
+        pinned = [holder.name for holder in holders if holder.pinned and self.holds(holder.name)]
+        pinned_devices = sum(len(self._held[name]) for name in pinned)
+        if count > len(self.devices) - pinned_devices:
+            return False
+        return self.max_engines is None or len(pinned) < self.max_engines
 
     async def _evict_an_idle_one(self, name: str, holders: Sequence[SlotHolder]) -> bool:
         """Stop the least recently used idle engine other than ``name``'s, if there is one."""
@@ -159,7 +204,7 @@ class EngineSlots:
         if not idle:
             return False
         _, lru = min(idle, key=lambda pair: pair[0])
-        log.info("[%s] stopping idle [%s] to make room for it", name, lru.name)
+        log.info("[%s] stopping unused [%s] to make room for it", name, lru.name)
         await lru.evict()
         return True
 

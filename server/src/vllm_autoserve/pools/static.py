@@ -96,12 +96,13 @@ class StaticPool(Pool):
             async with self._session().get(
                 self.url + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
             ) as resp:
-                if resp.status == 401:
+                if resp.status in (401, 403):
                     log.warning(
-                        "[%s] upstream %s refuses the gateway's key (401 to /v1/models): "
+                        "[%s] upstream %s refuses the gateway's key (%d to /v1/models): "
                         "check this model's api_key",
                         self.name,
                         self.shown_url,
+                        resp.status,
                     )
                     return
                 listing = await resp.json(content_type=None) if resp.status == 200 else None

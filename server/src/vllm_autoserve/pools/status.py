@@ -60,11 +60,14 @@ class PoolStatus:
     pinned: bool = False
     waiting_for_slot: bool = False
     """Starting, but waiting for GPUs or an engine slot that other engines hold."""
+    making_way: bool = False
+    """Healthy, but taking no new requests: it is stopped for another model's start once
+    those under way are answered."""
 
     @property
     def up_status(self) -> str:
         """The three-valued status of the ``/up`` contract."""
-        if self.state is PoolState.HEALTHY:
+        if self.state is PoolState.HEALTHY and not self.making_way:
             return "healthy"
         if self.state is PoolState.FAILED:
             return "failed"
@@ -86,6 +89,7 @@ class PoolStatus:
             "backend": self.backend,
             "pinned": self.pinned,
             "waiting_for_slot": self.waiting_for_slot,
+            "making_way": self.making_way,
         }
 
 
