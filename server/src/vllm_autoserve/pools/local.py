@@ -35,6 +35,9 @@ ENGINE_HOST = "127.0.0.1"
 CPU_HOST_MAX_ENGINES = 3  # [gateway] max_engines when unset, on a host without GPUs
 _PROBE_PAUSE = 1.0  # between the two health checks of an engine that refused a request
 _FRESH_SECONDS = 1.0  # the least an engine serves before it is stopped for another's start
+_MAX_TURN_SECONDS = 120.0  # ... and the most it is kept for its turn (a first launch may
+# include a download of many minutes)
+_UNUSED_SECONDS = 10.0  # an engine not asked for this long is idle, however new
 # A model nobody has asked for this long is no longer wanted: its start may be evicted, and
 # stops nothing. Longer than a client retrying a 503 (Retry-After at most 30 s) or polling
 # /up leaves between asks.
@@ -205,8 +208,8 @@ class LocalPool(Pool):
             )
         if self._awaiting_slot:
             return (
-                "is waiting for GPUs or an engine slot ([gateway] max_engines), which busy or "
-                "pinned engines hold"
+                "is waiting for GPUs or an engine slot ([gateway] max_engines), which busy, "
+                "pinned or just started engines hold"
             )
         return super()._progress()
 
@@ -214,7 +217,7 @@ class LocalPool(Pool):
         if self._awaiting_slot:
             return (
                 "it was still waiting for GPUs or an engine slot ([gateway] max_engines): the "
-                "engines that hold them are busy or pinned"
+                "engines that hold them are busy, pinned or just started"
             )
         return self._engine.log_tail() if self._engine else ""
 
@@ -243,18 +246,21 @@ class LocalPool(Pool):
         return self._pinned or self._waiting > 0 or recent
 
     def _served_its_turn(self) -> bool:
-        """Healthy for as long as its own launch took at least (and a second): until then
-        nothing stops it for another model, so that two busy models sharing a slot spend at
-        most half of the time starting, and the requests it was started for (which take a
-        moment to see it healthy, and clients that come back) are served."""
+        """Healthy for as long as its own launch took at least (a second at least, two
+        minutes at most): until then it is not stopped for another model while in use, so
+        that two busy models sharing a slot spend at most half of the time starting, and the
+        requests it was started for (which take a moment to see it healthy, and clients that
+        come back) are served."""
         launch = self._healthy_since - self._launched_at
-        return time.monotonic() - self._healthy_since >= max(_FRESH_SECONDS, launch)
+        turn = min(max(_FRESH_SECONDS, launch), _MAX_TURN_SECONDS)
+        return time.monotonic() - self._healthy_since >= turn
 
     def evictable_since(self) -> float | None:
         if self._pinned or not self._slots.holds(self.name):  # pinned: kept until /down
             return None
         if self._state is PoolState.HEALTHY and self._in_flight == 0:
-            if self._making_way or (self._waiting == 0 and self._served_its_turn()):
+            unused = time.monotonic() - self.last_active >= _UNUSED_SECONDS
+            if self._making_way or (self._waiting == 0 and (self._served_its_turn() or unused)):
                 return self.last_active
         if self._state is PoolState.STARTING and not self._wanted():
             return self.last_active  # a start nobody has waited for in a while

@@ -143,19 +143,19 @@ class EngineSlots:
                 if turn and len(free) >= count and self._room():
                     self._held[name] = free[:count]
                     return free[:count]
+                # Others are stopped only for a start someone waits for, and that could take
+                # their place (pinned engines do not hold too much of what it needs).
+                stops_others = turn and wanted() and self._feasible(count, holders())
                 if making_way is not None and not (
                     making_way.making_way and self.holds(making_way.name)
                 ):
                     making_way = None  # evicted, or pinned since: another may be needed
-                elif making_way is not None and not (turn and wanted()):
-                    making_way.make_way(False)  # whoever waited for this start gave up
+                elif making_way is not None and not stops_others:
+                    making_way.make_way(False)  # this start can no longer use its place
                     making_way = None
-                # Nothing is stopped for a start that could not take its place: pinned
-                # engines hold too much of what it needs.
-                turn = turn and self._feasible(count, holders())
-                if turn and wanted() and await self._evict_an_idle_one(name, holders()):
+                if stops_others and await self._evict_an_idle_one(name, holders()):
                     continue
-                if turn and making_way is None and wanted():
+                if stops_others and making_way is None:
                     # None is idle: the one serving longest stops taking requests, so that
                     # a steadily busy model cannot keep this one from ever starting.
                     making_way = _longest_serving(name, holders())
