@@ -70,9 +70,9 @@ class GatewaySettings(_Strict):
     """GPUs the local backend may hand out; unset: counted with ``nvidia-smi``."""
     max_engines: Annotated[int, Field(ge=1)] | None = None
     """Local engines running or starting at once; when full, an idle one is stopped to make
-    room (least recently used first), else the busy one serving longest makes way. Unset: as many as GPUs allow;
-    on a host without GPUs, 3 (as Ollama loads at most 3 models on CPU), or the number of
-    pinned models if that is more."""
+    room (least recently used first), else the busy one serving longest makes way. Unset: as
+    many as GPUs allow; on a host without GPUs, 3 (as Ollama loads at most 3 models on CPU),
+    or the number of pinned models if that is more."""
     public_routes: list[Literal["/status", "/metrics", "/v1/models"]] = []
     """Routes answered without a key (``/health`` always is)."""
     cors_origins: list[str] = []
@@ -269,11 +269,7 @@ class Config(_Strict):
         # A pinned engine is never stopped for another: one pin past the limit would wait
         # for a slot for good, and every unpinned model with it.
         limit = self.gateway.max_engines
-        pinned = [
-            name
-            for name in self.models
-            if self.model(name).min_containers and self.model(name).url is None
-        ]
+        pinned = self.pinned_engines()
         if limit is not None and len(pinned) > limit:
             raise ValueError(
                 f"gateway.max_engines = {limit}, but {len(pinned)} models are pinned with "
@@ -355,6 +351,15 @@ class Config(_Strict):
             return ""
         more = f" and {len(names) - most} more: see GET /v1/models" if len(names) > most else ""
         return f" (configured: {', '.join(names[:most])}{more})"
+
+    def pinned_engines(self) -> list[str]:
+        """The models whose engines start with the gateway and stay until ``/down``
+        (``min_containers``; a ``url`` upstream has no engine of ours)."""
+        return [
+            name
+            for name in self.models
+            if self.model(name).min_containers and self.model(name).url is None
+        ]
 
     def model(self, name: str) -> ModelConfig:
         """Effective settings of a canonical name: the model's own over ``[defaults]``.

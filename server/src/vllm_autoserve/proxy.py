@@ -163,6 +163,7 @@ class Proxy:
         ``gone`` completes when the client disconnects: the upstream request is then closed
         at once, answered or not. ``stopped`` completes when ``/down`` stops the model: an
         answer under way is then ended with ``model_stopped``."""
+        shown = shown_as or label
         target = _target(upstream.url)
         url = target.path_prefix + path
         if query or upstream.params:
@@ -201,7 +202,6 @@ class Proxy:
             # The engine's address stays in the gateway's log, never in a client's answer.
             if stopped is None or not stopped.done():
                 log.warning("%s: the engine did not answer: %s", label, exc)
-            shown = shown_as or label
             raise UpstreamUnavailable(f"the engine serving '{shown}' did not answer") from None
         if response.status == 401:  # never the client's key, which is not sent upstream
             response.release()
@@ -212,7 +212,7 @@ class Proxy:
                 label,
             )
             raise UpstreamRefusedCredentials(
-                f"the engine serving '{shown_as or label}' refused the gateway's credentials; "
+                f"the engine serving '{shown}' refused the gateway's credentials; "
                 "the gateway's configuration needs fixing, not the client's key"
             )
 
@@ -223,9 +223,7 @@ class Proxy:
         if stopped is not None:
             stopped.add_done_callback(close_upstream)
         try:
-            await self._relay(
-                response, send, gone, result, label, target, shown_as or label, stopped
-            )
+            await self._relay(response, send, gone, result, label, target, shown, stopped)
         finally:
             gone.remove_done_callback(close_upstream)
             if stopped is not None:

@@ -97,7 +97,6 @@ class Pool(ABC):
         self._last_request: float | None = None
         self.last_active = time.monotonic()
         """When a request or call last asked for this pool (``time.monotonic``)."""
-        self._starting_since = 0.0
         self._launched_at = 0.0  # when the engine's launch began (after any wait for a slot)
         self._pinned = False
         self._downs = 0  # explicit /down calls: requests held across one give up
@@ -181,7 +180,7 @@ class Pool(ABC):
             self._failed_starts = self._failed_starts + 1 if backs_off else 0
             metrics.ENGINE_FAILURES.labels(self.name).inc()
         elif new is PoolState.STARTING:
-            self._starting_since = self._launched_at = time.monotonic()
+            self._launched_at = time.monotonic()  # a subclass may move it past a wait
             metrics.ENGINE_STARTS.labels(self.name).inc()
         elif new is PoolState.HEALTHY:
             self._error = None

@@ -312,9 +312,7 @@ class LocalPools(Pools):
         if max_engines is None and not devices:
             # Nothing else bounds CPU engines (a few GB of memory each): without a bound,
             # every new name a key holder sends starts one more. Pinned ones all get a slot.
-            settings = [config.model(name) for name in config.models]
-            pinned = sum(1 for model in settings if model.min_containers and model.url is None)
-            max_engines = max(CPU_HOST_MAX_ENGINES, pinned)
+            max_engines = max(CPU_HOST_MAX_ENGINES, len(config.pinned_engines()))
         self.slots = EngineSlots(devices, max_engines)
 
     def _backend_of(self, settings: ModelConfig) -> str:
@@ -340,12 +338,12 @@ class LocalPools(Pools):
                 "no GPUs: [gateway] max_engines = %d (local engines at once; set it to change)",
                 self.slots.max_engines,
             )
-        for name in self.config.models:
-            settings = self.config.model(name)
-            if settings.min_containers and settings.url is None:
-                pool = self.get(name)
-                await pool.pin(settings.min_containers)
-                await pool.up(0)
+        for name in self.config.pinned_engines():
+            pool = self.get(name)
+            pins = self.config.model(name).min_containers
+            assert pins  # as pinned_engines() chose it
+            await pool.pin(pins)
+            await pool.up(0)
 
     def _local_pools(self) -> list[SlotHolder]:
         return [pool for pool in self._pools.values() if isinstance(pool, LocalPool)]

@@ -67,9 +67,12 @@ class StaticPool(Pool):
                 await self._check_served(api_key)
                 return Upstream(url=self.url, api_key=api_key)
             await asyncio.sleep(0.25)
-        # Its address stays in the gateway's log: the error reaches clients too.
-        log.warning("[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url))
+        self._log_problem(problem)
         raise EngineFailed(f"[{self.name}] the upstream is not reachable: {_short(problem)}")
+
+    def _log_problem(self, problem: str) -> None:
+        # Its address stays in the gateway's log: the errors clients get do not name it.
+        log.warning("[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url))
 
     async def _check(self) -> str:
         """Empty when the upstream is up: ``/health`` 200, or no ``/health`` but ``/v1/models``."""
@@ -144,9 +147,7 @@ class StaticPool(Pool):
         try:
             problem = await self._check()
             if problem and self._state is PoolState.HEALTHY:
-                log.warning(
-                    "[%s] upstream %s: %s", self.name, self.shown_url, _redact(problem, self.url)
-                )
+                self._log_problem(problem)
                 self._move(PoolState.COLD, reason="upstream unreachable")
         finally:
             self._probe = None
