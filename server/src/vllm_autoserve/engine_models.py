@@ -23,6 +23,33 @@ _ASK_SECONDS = 2.0  # a model list is instant; an engine that is slow to give it
 _MAX_LIST_BYTES = 1024 * 1024  # a longer list is skipped, not read
 
 
+MODEL_LIST_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError, RecursionError)
+
+
+async def model_list(session: aiohttp.ClientSession, upstream: Upstream) -> tuple[int, Any]:
+    """An engine's answer to ``GET /v1/models``, with the credentials the gateway sends it:
+    its status, and its JSON if that is 200 (None for a list over 1 MiB, which is not read).
+    Raises one of ``MODEL_LIST_ERRORS`` when there is no answer to read."""
+    headers = {k.decode(): v.decode() for k, v in upstream.headers}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    async with session.get(
+        upstream.url + "/v1/models",
+        params=dict(upstream.params),
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=_ASK_SECONDS),
+        allow_redirects=False,
+    ) as response:
+        if response.status != 200:
+            return response.status, None
+        raw = bytearray()
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            raw += chunk
+            if len(raw) > _MAX_LIST_BYTES:
+                return response.status, None
+        return response.status, json.loads(raw)
+
+
 class EngineModels:
     def __init__(self, pools: Pools) -> None:
         self._pools = pools
@@ -48,27 +75,12 @@ class EngineModels:
         return found[1] if found else None
 
     async def _ask(self, name: str, upstream: Upstream) -> None:
-        headers = {k.decode(): v.decode() for k, v in upstream.headers}
-        if upstream.api_key:
-            headers["Authorization"] = f"Bearer {upstream.api_key}"
         try:
-            async with self._pools.session().get(
-                upstream.url + "/v1/models",
-                params=dict(upstream.params),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=_ASK_SECONDS),
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    return
-                raw = bytearray()
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    raw += chunk
-                    if len(raw) > _MAX_LIST_BYTES:
-                        return
-                listing: Any = json.loads(raw)
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            status, listing = await model_list(self._pools.session(), upstream)
+        except MODEL_LIST_ERRORS as exc:
             log.debug("[%s] no model list from the engine: %r", name, exc)
+            return
+        if status != 200:
             return
         # Only the names routed to this engine: a shared upstream may list many more.
         config = self._pools.config

@@ -12,6 +12,7 @@ from yarl import URL
 
 from ..config import Config, ModelConfig
 from ..engine import EngineFailed
+from ..engine_models import MODEL_LIST_ERRORS, model_list
 from .base import Pool, PoolState, StopReason, Upstream
 
 log = logging.getLogger("vllm_autoserve.pools")
@@ -94,23 +95,21 @@ class StaticPool(Pool):
         """Warns when the upstream's model list shows that requests will be refused: its key
         is wrong, or it serves no model of this name (the name requests go upstream with).
         Its health check needs neither, so the pool turns healthy all the same."""
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            async with self._session().get(
-                self.url + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=2)
-            ) as resp:
-                if resp.status in (401, 403):
-                    log.warning(
-                        "[%s] upstream %s refuses the gateway's key (%d to /v1/models): "
-                        "check this model's api_key",
-                        self.name,
-                        self.shown_url,
-                        resp.status,
-                    )
-                    return
-                listing = await resp.json(content_type=None) if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError):
-            return  # no list, or none to read: nothing to say
+            status, listing = await model_list(
+                self._session(), Upstream(url=self.url, api_key=api_key)
+            )
+        except MODEL_LIST_ERRORS:
+            return  # no list to read: nothing to say
+        if status in (401, 403):
+            log.warning(
+                "[%s] upstream %s refuses the gateway's key (%d to /v1/models): "
+                "check this model's api_key",
+                self.name,
+                self.shown_url,
+                status,
+            )
+            return
         entries = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(entries, list):
             return
